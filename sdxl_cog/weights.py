@@ -1,0 +1,136 @@
+"""The on-disk layout of `weights/` and its manifest.
+
+One layout serves three writers and one reader: `script/download-weights` (real weights from Hugging
+Face), `script/make-test-weights` (synthetic weights) and the Docker build write it; `setup()` reads it.
+
+    weights/
+      manifest.json      every file below with its size and sha256, and where it came from
+      base/              SDXL base in diffusers layout (fp16 variant files), without its own VAE
+      refiner/           the refiner's own parts: model_index.json, scheduler/, unet/
+      vae/               madebyollin/sdxl-vae-fp16-fix, shared by base and refiner
+      safety_checker/    CompVis/stable-diffusion-safety-checker and its image processor config
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+FIX_COMMAND = "script/download-weights (or script/make-test-weights DIR for synthetic test weights)"
+
+BASE_DIR = "base"
+REFINER_DIR = "refiner"
+VAE_DIR = "vae"
+SAFETY_CHECKER_DIR = "safety_checker"
+
+# The files setup() cannot start without, relative to the weights root. Weight files of the SDXL
+# repos use the "fp16" variant names; the VAE and safety checker repos have no variants.
+REQUIRED_FILES = (
+    "base/model_index.json",
+    "base/scheduler/scheduler_config.json",
+    "base/text_encoder/config.json",
+    "base/text_encoder/model.fp16.safetensors",
+    "base/text_encoder_2/config.json",
+    "base/text_encoder_2/model.fp16.safetensors",
+    "base/tokenizer/vocab.json",
+    "base/tokenizer/merges.txt",
+    "base/tokenizer_2/vocab.json",
+    "base/tokenizer_2/merges.txt",
+    "base/unet/config.json",
+    "base/unet/diffusion_pytorch_model.fp16.safetensors",
+    "refiner/model_index.json",
+    "refiner/scheduler/scheduler_config.json",
+    "refiner/unet/config.json",
+    "refiner/unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "safety_checker/preprocessor_config.json",
+)
+
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+class WeightsError(RuntimeError):
+    """The weights directory is missing, incomplete or corrupt. The message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _weight_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and ".cache" not in p.parts
+    )
+
+
+def write_manifest(root: Path, sources: dict[str, str]) -> dict:
+    """Hash every file under `root` and write manifest.json; `sources` records where each part came from."""
+    files = {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in _weight_files(root)
+    }
+    manifest = {"format": MANIFEST_FORMAT, "sources": sources, "files": files}
+    tmp = root / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, root / MANIFEST_NAME)
+    return manifest
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise WeightsError(f"No weights manifest at {path}. Fill {root} with {FIX_COMMAND}.")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"Weights manifest {path} is not valid JSON ({e}). Re-run {FIX_COMMAND}.") from e
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise WeightsError(f"Weights manifest {path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}.")
+    return manifest
+
+
+def verify(root: Path, full_hash: bool = False) -> dict:
+    """Check that the weights under `root` are complete and match their manifest.
+
+    Sizes are always compared (cheap: one stat per file); sha256 only when `full_hash` is set, since
+    hashing 11 GB takes longer than loading it. Raises WeightsError naming the first bad file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise WeightsError(f"Weights directory {root} does not exist. Fill it with {FIX_COMMAND}.")
+    manifest = read_manifest(root)
+    files = manifest["files"]
+    for required in REQUIRED_FILES:
+        if required not in files or not (root / required).is_file():
+            raise WeightsError(f"Missing weights file {root / required}. Fill {root} with {FIX_COMMAND}.")
+    for name, entry in files.items():
+        path = root / name
+        if not path.is_file():
+            raise WeightsError(f"Missing weights file {path}. Re-run {FIX_COMMAND}.")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise WeightsError(
+                f"Weights file {path} has {size} bytes, the manifest says {entry['size']} "
+                f"(truncated or replaced). Re-run {FIX_COMMAND}."
+            )
+        if full_hash and sha256_of(path) != entry["sha256"]:
+            raise WeightsError(f"Weights file {path} does not match its sha256 in the manifest. Re-run {FIX_COMMAND}.")
+    return manifest
