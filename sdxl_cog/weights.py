@@ -76,16 +76,13 @@ def sha256_of(path: Path) -> str:
 
 
 def _weight_files(root: Path) -> list[Path]:
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and ".cache" not in p.parts
-    )
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and ".cache" not in p.parts)
 
 
 def write_manifest(root: Path, sources: dict[str, str]) -> dict:
     """Hash every file under `root` and write manifest.json; `sources` records where each part came from."""
     files = {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
-        for p in _weight_files(root)
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in _weight_files(root)
     }
     manifest = {"format": MANIFEST_FORMAT, "sources": sources, "files": files}
     tmp = root / (MANIFEST_NAME + ".tmp")
@@ -103,7 +100,9 @@ def read_manifest(root: Path) -> dict:
     except json.JSONDecodeError as e:
         raise WeightsError(f"Weights manifest {path} is not valid JSON ({e}). Re-run {FIX_COMMAND}.") from e
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise WeightsError(f"Weights manifest {path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}.")
+        raise WeightsError(
+            f"Weights manifest {path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}."
+        )
     return manifest
 
 

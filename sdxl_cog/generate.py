@@ -1,0 +1,165 @@
+"""Running one GenerationRequest: encode prompts, denoise with the base, optionally refine, decode,
+paste back, safety-check and watermark. Each phase is timed; each denoising step logs one line."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from . import images
+from .pipelines import LoadedModels, Model, synchronize
+from .prompts import PromptEmbeddings, encode_prompts
+from .request import GenerationRequest, base_image_refiner_schedule
+from .safety import blacken_flagged
+from .watermark import apply_watermark
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    nsfw_flags: list[bool]
+    timings: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+
+
+class Run:
+    """Book-keeping for one request: phase timings and the steps each stage really ran."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self.steps: dict[str, int] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+    def step_logger(self, stage: str):
+        """A callback_on_step_end that prints one clean line per step (no tqdm carriage returns)."""
+        self.steps[stage] = 0
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            self.steps[stage] += 1
+            print(f"{stage}: step {self.steps[stage]}/{pipe.num_timesteps} (t={int(timestep)})", flush=True)
+            return callback_kwargs
+
+        return on_step_end
+
+
+def _generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
+    # CPU generators: the same seed gives the same starting noise on any GPU model, or on none.
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def _encode(model: Model, req: GenerationRequest) -> PromptEmbeddings:
+    pairs = [
+        (model.components[t], model.components[e])
+        for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    ]
+    pairs = [(t, e) for t, e in pairs if e is not None]
+    return encode_prompts(
+        [t for t, _ in pairs],
+        [e for _, e in pairs],
+        req.prompt,
+        req.negative_prompt,
+        zero_empty_negative=model.options.get("force_zeros_for_empty_prompt", False),
+    )
+
+
+def _source_kwargs(req: GenerationRequest) -> dict:
+    kwargs = {"image": req.image} if req.image is not None else {}
+    if req.mask is not None:
+        kwargs["mask_image"] = req.mask
+    return kwargs
+
+
+def _base_kwargs(req: GenerationRequest) -> dict:
+    kwargs = {"num_inference_steps": req.num_inference_steps, "width": req.width, "height": req.height}
+    if req.image is not None:
+        kwargs.update(_source_kwargs(req), strength=req.prompt_strength)
+    if req.refine == "expert_ensemble_refiner":
+        kwargs["denoising_end"] = req.high_noise_frac
+    return kwargs
+
+
+def _refiner_kwargs(req: GenerationRequest, latents: torch.Tensor) -> dict:
+    # The refiner's image input is the base's latents (diffusers detects 4-channel input as latents).
+    kwargs = {"image": latents}
+    if req.mask is not None:
+        kwargs["mask_image"] = req.mask
+    if req.refine == "expert_ensemble_refiner":
+        return {**kwargs, "num_inference_steps": req.num_inference_steps, "denoising_start": req.high_noise_frac}
+    total = base_image_refiner_schedule(req.refine_steps, req.refine_strength)
+    return {**kwargs, "num_inference_steps": total, "strength": req.refine_strength}
+
+
+def _denoise(run: Run, model: Model, req: GenerationRequest, generators, embeds, stage_kwargs) -> torch.Tensor:
+    pipe = model.pipeline(req.mode, req.scheduler)
+    with run.phase(f"{model.name}_denoise"):
+        return pipe(
+            **embeds.as_pipeline_kwargs(),
+            **stage_kwargs,
+            guidance_scale=req.guidance_scale,
+            generator=generators,
+            num_images_per_prompt=req.num_outputs,
+            output_type="latent",
+            callback_on_step_end=run.step_logger(model.name),
+        ).images
+
+
+@torch.inference_mode()
+def _decode(vae: AutoencoderKL, latents: torch.Tensor) -> list[Image.Image]:
+    """One image at a time: a batch of four 1024px decodes would need several GB of activations at once.
+
+    No fp32 upcast: the VAE is madebyollin's fp16-fix, which does not overflow in half precision.
+    """
+    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+    decoded = []
+    for latent in latents:
+        sample = vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample
+        decoded += processor.postprocess(sample, output_type="pil")
+    return decoded
+
+
+def generate(
+    models: LoadedModels, req: GenerationRequest, device: str, safety_check: bool, watermark: bool
+) -> GenerationResult:
+    run = Run(device)
+    generators = _generators(req.seeds)
+    refining = req.refine != "no_refiner"
+
+    # 1. Encode prompts (the refiner sees only its own text encoder).
+    with run.phase("text_encoding"):
+        base_embeds = _encode(models.base, req)
+        refiner_embeds = _encode(models.refiner, req) if refining else None
+
+    # 2. Base denoising, to latents; 3. refining them.
+    latents = _denoise(run, models.base, req, generators, base_embeds, _base_kwargs(req))
+    if refining:
+        latents = _denoise(run, models.refiner, req, generators, refiner_embeds, _refiner_kwargs(req, latents))
+
+    # 4. Decode, and restore the kept region of an inpainted image exactly.
+    with run.phase("vae_decode"):
+        decoded = _decode(models.base.components["vae"], latents)
+    if req.mask is not None:
+        decoded = [images.paste_back(img, req.image, req.mask) for img in decoded]
+
+    # 5. Safety check (flagged images become black, never disappear), then the invisible watermark.
+    flags = [False] * len(decoded)
+    if safety_check:
+        with run.phase("safety_check"):
+            flags = models.safety_checker.flags(decoded)
+        decoded = blacken_flagged(decoded, flags)
+    if watermark:
+        with run.phase("watermark"):
+            decoded = [apply_watermark(img) for img in decoded]
+    return GenerationResult(decoded, flags, run.timings, run.steps)

@@ -1,0 +1,172 @@
+"""LoRA weights per request: fetched safely from an https URL or an allowed local directory, cached on
+disk with a size bound, loaded as a PEFT adapter on the shared base modules, and disabled again for
+requests without LoRA (a disabled adapter leaves the layers computing exactly the base model).
+
+URLs are fetched with SSRF guards: http(s) only, every hop of a redirect chain must resolve to public
+addresses (unless the operator allows private ones), bounded size, time and redirects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from safetensors import SafetensorError, safe_open
+
+from .config import Settings
+from .errors import InputError
+
+MAX_REDIRECTS = 5
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+ALLOWED_SCHEMES = {"http", "https"}
+
+
+def _check_host(url: str, allow_private: bool) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ALLOWED_SCHEMES or not parts.hostname:
+        raise InputError(f"lora_weights URL {url!r} is not allowed: use an http(s) URL or a local .safetensors path.")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise InputError(f"lora_weights host {parts.hostname!r} could not be resolved ({e}).") from e
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global:
+            raise InputError(
+                f"lora_weights host {parts.hostname!r} resolves to the non-public address {address}; "
+                "private, loopback and link-local hosts are refused (operators: SDXL_LORA_ALLOW_PRIVATE_HOSTS=1)."
+            )
+
+
+def _download(url: str, dest: Path, settings: Settings) -> None:
+    """Stream `url` to `dest`, following at most MAX_REDIRECTS redirects, each re-checked."""
+    for _ in range(MAX_REDIRECTS + 1):
+        _check_host(url, settings.lora_allow_private_hosts)
+        try:
+            response = requests.get(url, stream=True, allow_redirects=False, timeout=settings.lora_timeout_s)
+        except requests.RequestException as e:
+            raise InputError(f"lora_weights could not be downloaded from {url}: {e}") from e
+        with response:
+            if response.is_redirect:
+                url = urljoin(url, response.headers["Location"])
+                continue
+            if response.status_code != 200:
+                raise InputError(f"lora_weights download from {url} failed with HTTP {response.status_code}.")
+            _write_bounded(response, dest, settings.lora_max_bytes)
+            return
+    raise InputError(f"lora_weights URL redirected more than {MAX_REDIRECTS} times.")
+
+
+def _write_bounded(response: requests.Response, dest: Path, max_bytes: int) -> None:
+    too_big = InputError(f"lora_weights is larger than the {max_bytes // 1024**2} MB allowed.")
+    if int(response.headers.get("Content-Length") or 0) > max_bytes:
+        raise too_big
+    partial, written = dest.with_suffix(".part"), 0
+    try:
+        with open(partial, "wb") as f:
+            for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
+                written += len(chunk)
+                if written > max_bytes:
+                    raise too_big
+                f.write(chunk)
+        os.replace(partial, dest)
+    except requests.RequestException as e:
+        raise InputError(f"lora_weights download was interrupted: {e}") from e
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _evict(cache_dir: Path, keep: Path, budget: int) -> None:
+    """Remove least recently used cached files until the cache fits its budget."""
+    files = sorted((p for p in cache_dir.glob("*.safetensors") if p != keep), key=lambda p: p.stat().st_atime)
+    total = sum(p.stat().st_size for p in files) + keep.stat().st_size
+    while files and total > budget:
+        oldest = files.pop(0)
+        total -= oldest.stat().st_size
+        oldest.unlink(missing_ok=True)
+
+
+def _local_path(source: str, settings: Settings) -> Path:
+    path = Path(source).resolve()
+    if not any(path.is_relative_to(d.resolve()) for d in settings.lora_local_dirs):
+        allowed = ", ".join(str(d) for d in settings.lora_local_dirs)
+        raise InputError(f"lora_weights path {source!r} is outside the allowed directories ({allowed}).")
+    if not path.is_file():
+        raise InputError(f"lora_weights file {source!r} does not exist.")
+    return path
+
+
+def fetch(source: str, settings: Settings) -> Path:
+    """A local .safetensors file for `source` (URL, cached by URL; or a path under an allowed directory)."""
+    if "://" not in source:
+        return _local_path(source, settings)
+    settings.lora_cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = settings.lora_cache_dir / (hashlib.sha256(source.encode()).hexdigest() + ".safetensors")
+    if not cached.is_file():
+        _download(source, cached, settings)
+        _evict(settings.lora_cache_dir, cached, settings.lora_cache_bytes)
+    os.utime(cached)  # mark as recently used
+    return cached
+
+
+def check_safetensors(path: Path) -> None:
+    try:
+        with safe_open(path, framework="pt") as f:
+            if not list(f.keys()):
+                raise InputError("lora_weights holds no tensors.")
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"lora_weights is not a valid .safetensors file ({e}).") from e
+
+
+class LoraAdapters:
+    """The adapters loaded on the base pipeline: at most one is active, for one request."""
+
+    def __init__(self, pipeline, settings: Settings):
+        self.pipeline, self.settings = pipeline, settings
+        self.loaded: str | None = None
+
+    def activate(self, source: str | None, scale: float) -> str | None:
+        """Make `source` the only active LoRA at `scale` (or none); returns the adapter name."""
+        if source is None:
+            self.deactivate()
+            return None
+        path = fetch(source, self.settings)
+        name = (
+            "lora_"
+            + hashlib.sha256(f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        )
+        if name != self.loaded:
+            self._replace(path, name)
+        self.pipeline.enable_lora()
+        self.pipeline.set_adapters([name], adapter_weights=[scale])
+        return name
+
+    def deactivate(self) -> None:
+        if self.loaded is not None:
+            self.pipeline.disable_lora()
+
+    def _replace(self, path: Path, name: str) -> None:
+        check_safetensors(path)
+        if self.loaded is not None:
+            self.pipeline.delete_adapters(self.loaded)
+            self.loaded = None
+        try:
+            self.pipeline.load_lora_weights(str(path), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError) as e:
+            self._discard(name)
+            raise InputError(f"lora_weights could not be loaded as an SDXL LoRA: {e}") from e
+        if not any(name in names for names in self.pipeline.get_list_adapters().values()):
+            raise InputError("lora_weights has no weights for SDXL's UNet or text encoders (unknown key names).")
+        self.loaded = name
+
+    def _discard(self, name: str) -> None:
+        """Remove a partly loaded adapter, so a bad file leaves the model as it was."""
+        if any(name in names for names in self.pipeline.get_list_adapters().values()):
+            self.pipeline.delete_adapters(name)

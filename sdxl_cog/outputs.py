@@ -1,0 +1,106 @@
+"""Encoding generated images to files, with the generation parameters embedded the way AUTOMATIC1111
+writes them (PNG `parameters` text chunk; EXIF UserComment for JPEG and WebP), so that any SD tool can
+read back how an image was made.
+
+The runtime never deletes output files, so each prediction clears the previous one's directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+EXIF_IFD = 0x8769
+EXIF_USER_COMMENT = 0x9286
+# The EXIF UserComment header for UTF-16 text (EXIF 2.3, section 4.6.5); A1111 writes the same.
+USER_COMMENT_UNICODE = b"UNICODE\x00"
+# zlib level 1 keeps PNG lossless while encoding ~5x faster than Pillow's default level 6, for files
+# about 10% larger; the encode sits on every request's critical path.
+PNG_COMPRESS_LEVEL = 1
+# WebP at quality 100 is written lossless: asking for the top quality should not still lose detail.
+WEBP_LOSSLESS_QUALITY = 100
+
+
+def parameters_text(prompt: str, negative_prompt: str, fields: dict[str, object]) -> str:
+    """The A1111 `parameters` string: prompt, negative prompt, then `Key: value` pairs on one line."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def _exif_with_comment(text: str) -> Image.Exif:
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + text.encode("utf-16-be")
+    return exif
+
+
+def _save_png(image: Image.Image, path: Path, quality: int, text: str) -> None:
+    info = PngInfo()
+    info.add_text("parameters", text)
+    image.save(path, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+
+
+def _save_jpeg(image: Image.Image, path: Path, quality: int, text: str) -> None:
+    image.save(path, format="JPEG", quality=quality, exif=_exif_with_comment(text), optimize=False)
+
+
+def _save_webp(image: Image.Image, path: Path, quality: int, text: str) -> None:
+    lossless = quality >= WEBP_LOSSLESS_QUALITY
+    image.save(path, format="WEBP", quality=quality, lossless=lossless, exif=_exif_with_comment(text))
+
+
+ENCODERS: dict[str, Callable[[Image.Image, Path, int, str], None]] = {
+    "png": _save_png,
+    "jpg": _save_jpeg,
+    "webp": _save_webp,
+}
+OUTPUT_FORMATS = list(ENCODERS)
+
+
+def read_parameters(path: Path) -> str:
+    """The embedded parameters of a file written by `encode_all` (used by tests and tools)."""
+    with Image.open(path) as img:
+        if "parameters" in img.info:
+            return img.info["parameters"]
+        comment = img.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT, b"")
+    return comment[len(USER_COMMENT_UNICODE) :].decode("utf-16-be")
+
+
+class OutputDirectory:
+    """One directory per prediction under `root`; starting a prediction removes the previous one's files."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.current: Path | None = None
+
+    def start_prediction(self) -> tuple[Path, str]:
+        if self.root.exists():
+            shutil.rmtree(self.root, ignore_errors=True)
+        tag = uuid.uuid4().hex[:12]
+        self.current = self.root / tag
+        self.current.mkdir(parents=True)
+        return self.current, tag
+
+
+def encode_all(
+    images: Sequence[Image.Image],
+    texts: Sequence[str],
+    directory: Path,
+    tag: str,
+    output_format: str,
+    quality: int,
+) -> list[Path]:
+    """Encode images in parallel (Pillow's encoders release the GIL); names are unique per prediction and index."""
+    encoder = ENCODERS[output_format]
+    paths = [directory / f"{tag}-{i}.{output_format}" for i in range(len(images))]
+    with ThreadPoolExecutor(max_workers=len(images) or 1) as pool:
+        list(pool.map(lambda args: encoder(args[0], args[1], quality, args[2]), zip(images, paths, texts)))
+    return paths

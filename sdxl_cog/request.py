@@ -1,0 +1,142 @@
+"""From a prediction's raw inputs to a checked, fully resolved GenerationRequest.
+
+Pure functions: no model is touched here, so every rule (sizes, seeds, step counts, modes) is tested
+in milliseconds and every refusal happens before any GPU work.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from . import images
+from .config import DEFAULT_SIDE, MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from .errors import InputError
+
+REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    mode: str  # txt2img, img2img or inpaint
+    width: int
+    height: int
+    seeds: tuple[int, ...]  # one per output: image i is generated from seeds[i] alone
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+    prompt_strength: float
+    refine: str
+    high_noise_frac: float
+    refine_steps: int
+    refine_strength: float
+    image: Image.Image | None = None  # the source, already fitted to width x height
+    mask: Image.Image | None = None  # binary, fitted like the image; white is repainted
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.seeds)
+
+
+def check_side(name: str, value: int) -> None:
+    """Sides must be multiples of 8 (the VAE's factor); the message names the nearest valid values."""
+    if value % SIDE_MULTIPLE:
+        below = max(MIN_SIDE, value - value % SIDE_MULTIPLE)
+        above = min(MAX_SIDE, below + SIDE_MULTIPLE)
+        raise InputError(f"{name}={value} is not a multiple of {SIDE_MULTIPLE}; use {below} or {above}.")
+
+
+def resolve_seeds(seed: int | None, num_outputs: int) -> tuple[int, ...]:
+    """No seed means a random 32-bit one. Image i uses seed + i, so any image can be regenerated alone."""
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED + 1)
+    return tuple(seed + i for i in range(num_outputs))
+
+
+def base_image_refiner_schedule(refine_steps: int, strength: float) -> int:
+    """The num_inference_steps that makes an img2img run of `strength` take exactly `refine_steps` steps.
+
+    diffusers runs int(num_inference_steps * strength) of them; the smallest total that yields
+    refine_steps is ceil(refine_steps / strength), nudged past floating-point rounding.
+    """
+    total = math.ceil(refine_steps / strength - 1e-9)
+    while int(total * strength) < refine_steps:
+        total += 1
+    return total
+
+
+def default_refine_steps(num_inference_steps: int, refine_strength: float) -> int:
+    # The work cog-sdxl's base_image_refiner really did by default (its hidden strength times steps).
+    return max(1, int(num_inference_steps * refine_strength))
+
+
+def _source_images(
+    image: Path | None, mask: Path | None, width: int | None, height: int | None
+) -> tuple[str, Image.Image | None, Image.Image | None, int, int]:
+    if image is None:
+        if mask is not None:
+            raise InputError("mask was given without image: inpainting needs the image to paint into.")
+        return "txt2img", None, None, width or DEFAULT_SIDE, height or DEFAULT_SIDE
+    source = images.load_image(image, "image")
+    out_w, out_h = images.size_from_image(source.size, width, height)
+    if mask is None:
+        return "img2img", images.fit(source, (out_w, out_h)), None, out_w, out_h
+    binary = images.load_mask(mask, source.size)
+    fitted_mask = images.binarize(images.fit(binary, (out_w, out_h), Image.NEAREST))
+    images.check_mask_has_work(fitted_mask)
+    return "inpaint", images.fit(source, (out_w, out_h)), fitted_mask, out_w, out_h
+
+
+def build_request(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    image: Path | None,
+    mask: Path | None,
+    width: int | None,
+    height: int | None,
+    num_outputs: int,
+    scheduler: str,
+    num_inference_steps: int,
+    guidance_scale: float,
+    prompt_strength: float,
+    seed: int | None,
+    refine: str,
+    high_noise_frac: float,
+    refine_steps: int | None,
+    refine_strength: float,
+) -> GenerationRequest:
+    for name, side in (("width", width), ("height", height)):
+        if side is not None:
+            check_side(name, side)
+    if refine == "expert_ensemble_refiner" and not 0.0 < high_noise_frac < 1.0:
+        raise InputError(
+            f"high_noise_frac={high_noise_frac} must be strictly between 0 and 1 for expert_ensemble_refiner."
+        )
+    if image is not None and prompt_strength <= 0.0:
+        raise InputError("prompt_strength must be above 0 with an input image (0 would return the image unchanged).")
+    mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height)
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        mode=mode,
+        width=out_w,
+        height=out_h,
+        seeds=resolve_seeds(seed, num_outputs),
+        scheduler=scheduler,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        prompt_strength=prompt_strength,
+        refine=refine,
+        high_noise_frac=high_noise_frac,
+        refine_steps=refine_steps or default_refine_steps(num_inference_steps, refine_strength),
+        refine_strength=refine_strength,
+        image=source,
+        mask=fitted_mask,
+    )

@@ -1,0 +1,100 @@
+"""The predictor's engine: what setup() loads and what one prediction does, end to end, independent of
+Cog so that tests and benchmarks can drive it directly."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings
+from .generate import generate
+from .lora import LoraAdapters
+from .outputs import OutputDirectory, encode_all, parameters_text
+from .pipelines import load_models, model_name
+from .request import GenerationRequest
+from .schedulers import SCHEDULERS
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    output_format: str
+    output_quality: int
+    apply_watermark: bool
+    safety_check: bool
+
+
+@dataclass
+class Prediction:
+    paths: list[Path]
+    metrics: dict[str, object]
+
+
+class SDXLService:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.models = load_models(settings)
+        self.model_name = model_name(self.models.manifest)
+        self.loras = LoraAdapters(self.models.base_pipeline, settings)
+        self.outputs = OutputDirectory(settings.output_dir)
+
+    def predict(
+        self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
+    ) -> Prediction:
+        started = time.perf_counter()
+        directory, tag = self.outputs.start_prediction()
+        print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
+        try:
+            self.loras.activate(lora, lora_scale)
+            result = generate(self.models, req, self.settings.device, options.safety_check, options.apply_watermark)
+        finally:
+            # A request's LoRA never outlives it, whether it succeeded, failed or was cancelled.
+            self.loras.deactivate()
+        for i, flagged in enumerate(result.nsfw_flags):
+            if flagged:
+                print(
+                    f"Output {i} (seed {req.seeds[i]}) was flagged by the safety checker and replaced by a black image."
+                )
+        encode_started = time.perf_counter()
+        texts = [
+            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale))
+            for seed in req.seeds
+        ]
+        paths = encode_all(result.images, texts, directory, tag, options.output_format, options.output_quality)
+        timings = {**result.timings, "image_encoding": time.perf_counter() - encode_started}
+        timings["total"] = time.perf_counter() - started
+        print("Timings: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()), flush=True)
+        metrics = {
+            "seeds": list(req.seeds),
+            "nsfw_flagged": result.nsfw_flags,
+            **{f"{stage}_steps": n for stage, n in result.steps.items()},
+            **{f"{phase}_time": round(seconds, 4) for phase, seconds in timings.items()},
+        }
+        return Prediction(paths, metrics)
+
+    def _fields(self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float) -> dict[str, object]:
+        """The A1111-style generation parameters embedded in each image."""
+        fields: dict[str, object] = {
+            "Steps": req.num_inference_steps,
+            "Sampler": SCHEDULERS[req.scheduler].a1111_name,
+            "Schedule": req.scheduler,
+            "CFG scale": req.guidance_scale,
+            "Seed": seed,
+            "Size": f"{req.width}x{req.height}",
+            "Model": self.model_name,
+        }
+        if req.image is not None:
+            fields["Denoising strength"] = req.prompt_strength
+        if req.refine == "expert_ensemble_refiner":
+            fields.update({"Refiner": "expert_ensemble_refiner", "Refiner switch at": req.high_noise_frac})
+        elif req.refine == "base_image_refiner":
+            fields.update(
+                {
+                    "Refiner": "base_image_refiner",
+                    "Refiner steps": req.refine_steps,
+                    "Refiner strength": req.refine_strength,
+                }
+            )
+        if lora:
+            fields.update({"Lora": lora.rstrip("/").rsplit("/", 1)[-1], "Lora scale": lora_scale})
+        return fields
