@@ -95,7 +95,8 @@ def _refiner_kwargs(req: GenerationRequest, latents: torch.Tensor) -> dict:
     # The refiner's image input is the base's latents (diffusers detects 4-channel input as latents).
     kwargs = {"image": latents}
     if req.mask is not None:
-        kwargs["mask_image"] = req.mask
+        # The inpaint pipeline sizes its mask from width/height, not from the latents it is given.
+        kwargs.update(mask_image=req.mask, width=req.width, height=req.height)
     if req.refine == "expert_ensemble_refiner":
         return {**kwargs, "num_inference_steps": req.num_inference_steps, "denoising_start": req.high_noise_frac}
     total = base_image_refiner_schedule(req.refine_steps, req.refine_strength)

@@ -53,7 +53,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         return img
     values = np.asarray(img, dtype=np.float64)
     top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
-    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
 def load_image(path: Path, what: str = "image") -> Image.Image:

@@ -37,7 +37,8 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "KarrasDPM": SchedulerSpec(DPMSolverMultistepScheduler, _KARRAS_2M, a1111_name="DPM++ 2M Karras"),
     "K_EULER_ANCESTRAL": SchedulerSpec(EulerAncestralDiscreteScheduler, a1111_name="Euler a"),
     "K_EULER": SchedulerSpec(EulerDiscreteScheduler, a1111_name="Euler"),
-    "PNDM": SchedulerSpec(PNDMScheduler, a1111_name="PLMS"),
+    # PLMS proper: the Runge-Kutta warm-up steps need dozens of steps and break below ~10 (as in SD 1.x's config).
+    "PNDM": SchedulerSpec(PNDMScheduler, {"skip_prk_steps": True}, a1111_name="PLMS"),
     "DPM++ 2M Karras": SchedulerSpec(DPMSolverMultistepScheduler, _KARRAS_2M, a1111_name="DPM++ 2M Karras"),
     "UniPC": SchedulerSpec(UniPCMultistepScheduler, a1111_name="UniPC"),
 }

@@ -1,0 +1,226 @@
+"""End-to-end behaviour of the engine on tiny synthetic weights: seeds, sizes, modes, refiner step
+counts, schedulers without leaks, outputs and their metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_cog.outputs import read_parameters
+from sdxl_cog.schedulers import SCHEDULERS
+from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, make_request, max_diff, pixels
+
+
+@dataclasses.dataclass
+class Outcome:
+    paths: list
+    images: list  # loaded at once: the next prediction deletes these files
+    metrics: dict
+
+
+def run(service, options=DEFAULT_OPTIONS, lora=None, lora_scale=0.6, **overrides) -> Outcome:
+    prediction = service.predict(make_request(**overrides), options, lora, lora_scale)
+    loaded = [Image.open(p) for p in prediction.paths]
+    for image in loaded:
+        image.load()
+    return Outcome(prediction.paths, loaded, prediction.metrics)
+
+
+@contextmanager
+def count_unet_calls(service):
+    counts = {"base": 0, "refiner": 0}
+    hooks = []
+    for name in counts:
+        unet = getattr(service.models, name).components["unet"]
+
+        def hook(module, args, output, name=name):
+            counts[name] += 1
+
+        hooks.append(unet.register_forward_hook(hook))
+    try:
+        yield counts
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_outputs_have_requested_size_and_count(service):
+    result = run(service, width=320, height=256, num_outputs=3)
+    assert len(result.paths) == 3
+    assert all(image.size == (320, 256) for image in result.images)
+    assert len({p.name for p in result.paths}) == 3
+
+
+def test_same_seed_same_image_different_seed_different_image(service):
+    a = run(service, seed=7).images[0]
+    a_again = run(service, seed=7).images[0]
+    b = run(service, seed=8).images[0]
+    assert max_diff(a, a_again) == 0
+    assert max_diff(a, b) > 10
+
+
+def test_any_image_of_a_batch_regenerates_alone(service):
+    batch = run(service, seed=100, num_outputs=3)
+    assert batch.metrics["seeds"] == [100, 101, 102]
+    alone = run(service, seed=102, num_outputs=1)
+    assert max_diff(batch.images[2], alone.images[0]) <= 2
+
+
+def test_no_seed_means_random_32_bit_seeds(service):
+    seeds = {run(service, seed=None, num_inference_steps=1).metrics["seeds"][0] for _ in range(3)}
+    assert len(seeds) == 3
+    assert all(0 <= s < 2**32 for s in seeds)
+
+
+def test_seeds_are_logged_and_embedded(service, capsys):
+    result = run(service, seed=42, num_outputs=2)
+    assert "Seeds: [42, 43]" in capsys.readouterr().out
+    assert "Seed: 43," in result.images[1].info["parameters"]
+
+
+def test_every_input_changes_the_image(service):
+    reference = run(service, seed=5).images[0]
+    for change in (
+        {"prompt": "a blue whale"},
+        {"negative_prompt": "blurry"},
+        {"guidance_scale": 2.0},
+        {"num_inference_steps": 6},
+        {"scheduler": "DDIM"},
+    ):
+        assert max_diff(reference, run(service, seed=5, **change).images[0]) > 0, change
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_runs(service, name):
+    result = run(service, scheduler=name, num_inference_steps=3)
+    assert result.images[0].size == (TEST_SIDE, TEST_SIDE)
+
+
+def test_scheduler_choice_does_not_leak_into_later_requests(service):
+    first = run(service, seed=3, scheduler="K_EULER").images[0]
+    run(service, seed=3, scheduler="KarrasDPM")
+    again = run(service, seed=3, scheduler="K_EULER").images[0]
+    assert max_diff(first, again) == 0
+
+
+def test_expert_ensemble_splits_steps_at_high_noise_frac(service):
+    with count_unet_calls(service) as calls:
+        result = run(service, refine="expert_ensemble_refiner", num_inference_steps=10, high_noise_frac=0.7)
+    assert calls == {"base": 7, "refiner": 3}
+    assert result.metrics["base_steps"] == 7 and result.metrics["refiner_steps"] == 3
+
+
+@pytest.mark.parametrize("refine_steps,strength", [(5, 0.3), (3, 0.5), (7, 0.9)])
+def test_base_image_refiner_runs_exactly_refine_steps(service, refine_steps, strength):
+    with count_unet_calls(service) as calls:
+        run(service, refine="base_image_refiner", refine_steps=refine_steps, refine_strength=strength)
+    assert calls == {"base": 4, "refiner": refine_steps}
+
+
+def test_refiner_uses_the_chosen_scheduler(service):
+    euler = run(service, seed=9, refine="base_image_refiner", refine_steps=2, scheduler="K_EULER").images[0]
+    ddim = run(service, seed=9, refine="base_image_refiner", refine_steps=2, scheduler="DDIM").images[0]
+    assert max_diff(euler, ddim) > 0
+
+
+def test_refining_changes_the_image(service):
+    plain = run(service, seed=11).images[0]
+    refined = run(service, seed=11, refine="base_image_refiner", refine_steps=2).images[0]
+    assert max_diff(plain, refined) > 0
+
+
+def test_one_clean_log_line_per_step_per_stage(service, capsys):
+    run(service, refine="expert_ensemble_refiner", num_inference_steps=5, high_noise_frac=0.6)
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert [line.split(" (")[0] for line in out.splitlines() if ": step " in line] == [
+        "base: step 1/3",
+        "base: step 2/3",
+        "base: step 3/3",
+        "refiner: step 1/2",
+        "refiner: step 2/2",
+    ]
+
+
+def test_metrics_time_every_phase(service):
+    metrics = run(service, refine="expert_ensemble_refiner").metrics
+    for phase in ("text_encoding", "base_denoise", "refiner_denoise", "vae_decode", "safety_check", "image_encoding"):
+        assert metrics[f"{phase}_time"] >= 0, phase
+    assert metrics["nsfw_flagged"] == [False]
+
+
+def _source_image(tmp_path, size=(300, 200)):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "source.png"
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_img2img_follows_the_image_size_when_unset(service, tmp_path):
+    result = run(service, image=_source_image(tmp_path, (300, 200)), width=None, height=None)
+    assert result.images[0].size == (296, 200)
+
+
+def test_img2img_honours_width_and_height(service, tmp_path):
+    result = run(service, image=_source_image(tmp_path), width=256, height=384)
+    assert result.images[0].size == (256, 384)
+
+
+def test_prompt_strength_changes_img2img(service, tmp_path):
+    source = _source_image(tmp_path)
+    weak = run(service, image=source, prompt_strength=0.3).images[0]
+    strong = run(service, image=source, prompt_strength=0.9).images[0]
+    assert max_diff(weak, strong) > 0
+
+
+def _half_mask(tmp_path, size, name="mask.png"):
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    mask[:, size[0] // 2 :] = 255  # repaint the right half
+    path = tmp_path / name
+    Image.fromarray(mask).save(path)
+    return path
+
+
+@pytest.mark.parametrize("refine", ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"])
+def test_inpaint_keeps_black_region_exactly_and_repaints_white(service, tmp_path, refine):
+    source = _source_image(tmp_path, (256, 256))
+    result = run(service, image=source, mask=_half_mask(tmp_path, (256, 256)), width=None, height=None, refine=refine)
+    out, original = pixels(result.images[0]), pixels(source)
+    assert np.array_equal(out[:, :128], original[:, :128])
+    assert np.abs(out[:, 128:] - original[:, 128:]).mean() > 5
+
+
+def test_inpaint_mask_of_another_size_is_fitted_to_the_image(service, tmp_path):
+    source = _source_image(tmp_path, (256, 256))
+    mask = _half_mask(tmp_path, (64, 64), "small-mask.png")
+    out = pixels(run(service, image=source, mask=mask, width=None, height=None).images[0])
+    assert np.array_equal(out[:, :128], pixels(source)[:, :128])
+
+
+def test_previous_outputs_are_removed(service):
+    first = run(service).paths[0]
+    assert first.exists()
+    second = run(service).paths[0]
+    assert second.exists() and not first.exists()
+
+
+def test_output_formats_and_embedded_parameters(service):
+    for fmt, mime in (("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")):
+        options = dataclasses.replace(DEFAULT_OPTIONS, output_format=fmt)
+        path = run(service, options, prompt="a lighthouse", negative_prompt="fog", seed=77).paths[0]
+        assert path.suffix == f".{fmt}" and Image.open(path).format == mime
+        text = read_parameters(path)
+        assert text.startswith("a lighthouse\nNegative prompt: fog\n")
+        for field in ("Steps: 4", "Sampler: Euler", "CFG scale: 7.5", "Seed: 77", "Size: 256x256", "Model: "):
+            assert field in text, (fmt, field)
+
+
+def test_output_quality_changes_jpg(service):
+    options = dataclasses.replace(DEFAULT_OPTIONS, output_format="jpg", output_quality=10)
+    low = run(service, options, seed=4).paths[0].stat().st_size
+    high = run(service, dataclasses.replace(options, output_quality=95), seed=4).paths[0].stat().st_size
+    assert high > low
