@@ -107,6 +107,8 @@ def fetch(source: str, settings: Settings) -> Path:
     """A local .safetensors file for `source` (URL, cached by URL; or a path under an allowed directory)."""
     if "://" not in source:
         return _local_path(source, settings)
+    # Checked even when cached: the policy decides what may be used, not only what may be fetched.
+    _check_host(source, settings.lora_allow_private_hosts)
     settings.lora_cache_dir.mkdir(parents=True, exist_ok=True)
     cached = settings.lora_cache_dir / (hashlib.sha256(source.encode()).hexdigest() + ".safetensors")
     if not cached.is_file():

@@ -28,7 +28,9 @@ def test_not_an_image(tmp_path):
 
 
 def test_truncated_file(tmp_path):
-    full = save(tmp_path, Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)), "full.png")
+    full = save(
+        tmp_path, Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)), "full.png"
+    )
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(full.read_bytes()[:5000])
     with pytest.raises(InputError, match="truncated or corrupt"):

@@ -50,7 +50,9 @@ def test_words_past_token_77_change_the_embeddings_and_the_image(service):
 
 
 def test_long_negative_prompt_pads_to_the_same_length(service):
-    image = predict_image(service, prompt="short", negative_prompt=long_prompt("blurry"), refine="expert_ensemble_refiner")
+    image = predict_image(
+        service, prompt="short", negative_prompt=long_prompt("blurry"), refine="expert_ensemble_refiner"
+    )
     assert image.size == (256, 256)
 
 

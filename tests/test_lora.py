@@ -1,0 +1,162 @@
+"""LoRA per request: made for the tiny UNet, served over loopback HTTP, in PEFT and kohya key formats."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import save_file
+
+from sdxl_cog.errors import InputError
+from tests.conftest import DEFAULT_OPTIONS, make_request, pixels
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_RANK = 4
+
+
+def _lora_state_dict(weights_dir: Path) -> dict[str, torch.Tensor]:
+    """PEFT-format LoRA weights for the tiny UNet, random so that they visibly change the output."""
+    unet = UNet2DConditionModel.from_pretrained(weights_dir / "base" / "unet", variant="fp16", dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=LORA_TARGETS)
+    unet.add_adapter(config)
+    return {k: v.contiguous() * 4 for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def _to_kohya(peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    kohya = {}
+    for key, tensor in peft.items():
+        module, kind = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(float(LORA_RANK))
+    return kohya
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_weights, settings) -> dict[str, Path]:
+    peft = _lora_state_dict(tiny_weights)
+    directory = settings.lora_local_dirs[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {"peft": directory / "peft.safetensors", "kohya": directory / "kohya.safetensors"}
+    save_file({f"unet.{k}": v for k, v in peft.items()}, files["peft"])
+    save_file(_to_kohya(peft), files["kohya"])
+    files["not_safetensors"] = directory / "broken.safetensors"
+    files["not_safetensors"].write_bytes(b"this is not a safetensors file" * 10)
+    files["wrong_keys"] = directory / "wrong.safetensors"
+    save_file({"some.unrelated.weight": torch.ones(3, 3)}, files["wrong_keys"])
+    return files
+
+
+class _Files(BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        type(self).hits.append(self.path)
+        if self.path.startswith("/loop"):
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return
+        body = self.files.get(self.path.split("?")[0].lstrip("/"))
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def file_server(lora_files):
+    _Files.files = {name: path.read_bytes() for name, path in lora_files.items()}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def loopback_allowed(service):
+    original = service.loras.settings
+    service.loras.settings = dataclasses.replace(original, lora_allow_private_hosts=True)
+    yield service.loras.settings
+    service.loras.settings = original
+
+
+def generate(service, lora=None, scale=0.6, **overrides) -> np.ndarray:
+    prediction = service.predict(make_request(seed=31, **overrides), DEFAULT_OPTIONS, lora, scale)
+    return pixels(Image.open(prediction.paths[0]))
+
+
+def test_lora_from_url_changes_output_scale_matters_and_leaves_nothing_behind(service, file_server, loopback_allowed):
+    base = generate(service)
+    full = generate(service, f"{file_server}/peft", 1.0)
+    light = generate(service, f"{file_server}/peft", 0.2)
+    after = generate(service)
+    assert np.abs(full - base).max() > 0
+    assert np.abs(light - full).max() > 0
+    assert np.array_equal(after, base)  # exactly the base model again
+
+
+def test_downloads_are_cached(service, file_server, loopback_allowed):
+    _Files.hits.clear()
+    generate(service, f"{file_server}/peft?cached", 1.0)
+    generate(service, f"{file_server}/peft?cached", 1.0)
+    assert _Files.hits == ["/peft?cached"]
+
+
+def test_kohya_keys_load_from_an_allowed_local_path(service, lora_files):
+    base = generate(service)
+    with_kohya = generate(service, str(lora_files["kohya"]), 1.0)
+    with_peft = generate(service, str(lora_files["peft"]), 1.0)
+    assert np.abs(with_kohya - base).max() > 0
+    assert np.abs(with_kohya - with_peft).max() <= 2  # the same weights, in another key format
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("not_safetensors", "not a valid .safetensors file"), ("wrong_keys", "could not be loaded as an SDXL LoRA")],
+)
+def test_bad_lora_file_is_refused_and_leaves_the_model_unchanged(service, lora_files, name, message):
+    base = generate(service)
+    with pytest.raises(InputError, match=message):
+        generate(service, str(lora_files[name]), 1.0)
+    assert np.array_equal(generate(service), base)
+
+
+def test_loopback_urls_are_refused_by_default(service, file_server):
+    with pytest.raises(InputError, match="non-public address 127.0.0.1"):
+        generate(service, f"{file_server}/peft")
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/lora.safetensors", "gopher://x/y"])
+def test_other_schemes_are_refused(service, url):
+    with pytest.raises(InputError, match="use an http\\(s\\) URL"):
+        generate(service, url)
+
+
+def test_local_paths_outside_allowed_directories_are_refused(service, tiny_weights):
+    with pytest.raises(InputError, match="outside the allowed directories"):
+        generate(service, str(tiny_weights / "base" / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(InputError, match="outside the allowed directories"):
+        generate(service, str(service.loras.settings.lora_local_dirs[0] / ".." / "escape.safetensors"))
+
+
+def test_redirect_loops_and_oversized_files_are_refused(service, file_server, loopback_allowed):
+    with pytest.raises(InputError, match="redirected more than"):
+        generate(service, f"{file_server}/loop")
+    service.loras.settings = dataclasses.replace(loopback_allowed, lora_max_bytes=1000)
+    with pytest.raises(InputError, match="larger than"):
+        generate(service, f"{file_server}/kohya")
