@@ -7,9 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import Settings
 from .generate import generate
 from .lora import LoraAdapters
+from .memory import device_budget, out_of_memory_error, release_memory
 from .outputs import OutputDirectory, encode_all, parameters_text
 from .pipelines import load_models, model_name
 from .request import GenerationRequest
@@ -37,19 +40,33 @@ class SDXLService:
         self.model_name = model_name(self.models.manifest)
         self.loras = LoraAdapters(self.models.base_pipeline, settings)
         self.outputs = OutputDirectory(settings.output_dir)
+        modules = [
+            *self.models.base.components.values(),
+            self.models.refiner.components["unet"],
+            self.models.safety_checker.model,
+        ]
+        self.budget = device_budget(settings.device, [m for m in modules if isinstance(m, torch.nn.Module)])
 
     def predict(
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
     ) -> Prediction:
+        self.budget.check(req)
         started = time.perf_counter()
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
+        out_of_memory = False
         try:
             self.loras.activate(lora, lora_scale)
             result = generate(self.models, req, self.settings.device, options.safety_check, options.apply_watermark)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
         finally:
             # A request's LoRA never outlives it, whether it succeeded, failed or was cancelled.
             self.loras.deactivate()
+        if out_of_memory:
+            # Outside the except block, so the failed request's tensors are no longer referenced.
+            release_memory(self.settings.device)
+            raise out_of_memory_error(req)
         for i, flagged in enumerate(result.nsfw_flags):
             if flagged:
                 print(

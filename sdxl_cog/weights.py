@@ -55,6 +55,8 @@ REQUIRED_FILES = (
 )
 
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
+# Files that may sit in weights/ without being weights (the committed README explaining the folder).
+NOT_WEIGHTS = {MANIFEST_NAME, "README.md"}
 
 
 class WeightsError(RuntimeError):

@@ -1,0 +1,71 @@
+"""GPU memory: refusing requests that cannot fit before any work starts, and recovering from an
+out-of-memory error inside a prediction so that the worker lives on and the next request succeeds.
+
+The activation figures are upper estimates for SDXL in fp16 with PyTorch's SDPA attention: UNet
+activations grow with the batch (doubled by classifier-free guidance) and the latent area; the VAE
+decoder's peak grows with one image's area (images are decoded one at a time). Estimates err on the
+side of letting a request run: a miss is still caught as an out-of-memory error and reported.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .request import GenerationRequest
+
+MEGAPIXEL = 1024 * 1024
+GIB = 1024**3
+# Per image and megapixel, both CFG halves included (fp16, SDPA).
+UNET_ACTIVATION_BYTES_PER_MEGAPIXEL = int(1.0 * GIB)
+# Peak of one VAE decode per megapixel (fp16); the mid-block attention dominates.
+VAE_DECODE_BYTES_PER_MEGAPIXEL = int(3.0 * GIB)
+# The CUDA context, allocator fragmentation and cuDNN workspaces.
+RESERVE_BYTES = int(1.5 * GIB)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    capacity_bytes: int | None  # None: no known limit (CPU), nothing is refused up front
+    resident_bytes: int  # weights already on the device
+
+    def estimate(self, req: GenerationRequest) -> int:
+        megapixels = req.width * req.height / MEGAPIXEL
+        activations = UNET_ACTIVATION_BYTES_PER_MEGAPIXEL * megapixels * req.num_outputs
+        return int(self.resident_bytes + RESERVE_BYTES + activations + VAE_DECODE_BYTES_PER_MEGAPIXEL * megapixels)
+
+    def check(self, req: GenerationRequest) -> None:
+        if self.capacity_bytes is None:
+            return
+        needed = self.estimate(req)
+        if needed > self.capacity_bytes:
+            raise InputError(
+                f"{req.num_outputs} image(s) at {req.width}x{req.height} need about {needed / GIB:.1f} GiB of GPU memory, "
+                f"but the GPU has {self.capacity_bytes / GIB:.1f} GiB: lower num_outputs or width/height."
+            )
+
+
+def device_budget(device: str, modules: list[torch.nn.Module]) -> MemoryBudget:
+    unique = {id(m): m for m in modules if m is not None}.values()
+    resident = sum(p.numel() * p.element_size() for m in unique for p in m.parameters())
+    if not device.startswith("cuda"):
+        return MemoryBudget(None, resident)
+    return MemoryBudget(torch.cuda.get_device_properties(device).total_memory, resident)
+
+
+def release_memory(device: str) -> None:
+    """Free what a failed request left allocated (its tensors are garbage once the exception is handled)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def out_of_memory_error(req: GenerationRequest) -> InputError:
+    refiner = " with the refiner" if req.refine != "no_refiner" else ""
+    return InputError(
+        f"Out of GPU memory generating {req.num_outputs} image(s) at {req.width}x{req.height}{refiner}: "
+        "lower num_outputs, width/height, or use refine=no_refiner. The server is ready for the next request."
+    )

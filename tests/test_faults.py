@@ -1,0 +1,79 @@
+"""Faults inside the process: out-of-memory during a prediction, requests too big for the GPU, and
+missing, truncated or tampered weights at setup."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from cog_server import CogServer
+from PIL import Image
+
+from sdxl_cog.errors import InputError
+from sdxl_cog.memory import GIB, MemoryBudget
+from sdxl_cog.service import SDXLService
+from sdxl_cog.weights import WeightsError
+from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, make_request, pixels
+
+UNET_FILE = "base/unet/diffusion_pytorch_model.fp16.safetensors"
+
+
+def generate(service, **overrides) -> np.ndarray:
+    prediction = service.predict(make_request(seed=55, **overrides), DEFAULT_OPTIONS, None, 0.6)
+    return pixels(Image.open(prediction.paths[0]))
+
+
+def test_out_of_memory_fails_the_request_clearly_and_the_next_one_succeeds(service, monkeypatch):
+    reference = generate(service)
+    unet = service.models.base.components["unet"]
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(unet, "forward", exhausted)
+    with pytest.raises(InputError, match=r"Out of GPU memory generating 2 image\(s\) at 256x256: lower num_outputs"):
+        generate(service, num_outputs=2)
+    monkeypatch.undo()
+    assert np.array_equal(generate(service), reference)
+
+
+def test_requests_too_big_for_the_gpu_are_refused_before_any_work(service, monkeypatch):
+    monkeypatch.setattr(service, "budget", MemoryBudget(capacity_bytes=24 * GIB, resident_bytes=11 * GIB))
+    with pytest.raises(InputError, match=r"4 image\(s\) at 2048x2048 need about .* GiB .* the GPU has 24.0 GiB"):
+        service.predict(make_request(width=2048, height=2048, num_outputs=4), DEFAULT_OPTIONS, None, 0.6)
+    # SDXL's own size with the refiner and four outputs fits a 24 GB card.
+    MemoryBudget(capacity_bytes=24 * GIB, resident_bytes=11 * GIB).check(
+        make_request(width=1024, height=1024, num_outputs=4, refine="expert_ensemble_refiner")
+    )
+
+
+def test_missing_weights_name_the_file_and_the_fix(settings, weights_copy):
+    (weights_copy / UNET_FILE).unlink()
+    with pytest.raises(WeightsError, match=rf"Missing weights file .*{UNET_FILE}.*script/download-weights"):
+        SDXLService(dataclasses.replace(settings, weights_dir=weights_copy))
+
+
+def test_truncated_weights_fail_setup_naming_the_file(settings, weights_copy):
+    path = weights_copy / UNET_FILE
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match=rf"{UNET_FILE} has \d+ bytes, the manifest says \d+"):
+        SDXLService(dataclasses.replace(settings, weights_dir=weights_copy))
+
+
+def test_tampered_weights_are_caught_by_the_full_hash_check(settings, weights_copy):
+    path = weights_copy / UNET_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: only the hash can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=rf"{UNET_FILE} does not match its sha256"):
+        SDXLService(dataclasses.replace(settings, weights_dir=weights_copy, verify_weights_hash=True))
+
+
+def test_setup_failure_reaches_the_server_health_check(weights_copy, tmp_path):
+    (weights_copy / UNET_FILE).unlink()
+    env = {"SDXL_WEIGHTS_DIR": str(weights_copy), "SDXL_OUTPUT_DIR": str(tmp_path / "out")}
+    with CogServer(cwd=REPO_ROOT, env=env, ready_timeout=None, log_path=tmp_path / "server.log") as server:
+        health = server.wait_for_status("SETUP_FAILED", 300)
+        assert "Missing weights file" in str(health) and "script/download-weights" in str(health)
