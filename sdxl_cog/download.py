@@ -1,0 +1,510 @@
+"""Fill the weights directory (layout: sdxl_cog/weights.py) with exactly what setup() loads.
+
+Each part of the layout comes from one source: a Hugging Face Hub repo, a local folder laid out like one
+(a mirror, for offline builds and tests), or, for the base only, a single-file `.safetensors` checkpoint.
+Hub and mirror share every step but the transfer itself: choosing files, converting weights the layout
+needs in another form, skipping files intact from the last run, pruning leftovers, and the manifest.
+Interrupted runs resume: huggingface_hub continues its `.incomplete` files, URLs their `.part` file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    HTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .weights import (
+    BASE_DIR,
+    MANIFEST_NAME,
+    REFINER_DIR,
+    SAFETY_CHECKER_DIR,
+    VAE_DIR,
+    WeightsError,
+    read_manifest,
+    sha256_of,
+    verify,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+# A folder whose subfolders are owner/name copies of Hub repos; when set, repo ids are read from it.
+MIRROR_ENV = "SDXL_HUB_MIRROR"
+# Converted inputs (full-precision weights, single-file checkpoints) wait here: on the weights disk, and
+# under `.cache`, which the manifest skips. It is removed after a successful run, so images stay lean.
+STAGING = Path(".cache") / "sdxl-cog"
+PREVIOUS_MANIFEST = "previous-manifest.json"
+# setup() expects one file per component, so nothing is sharded (the largest, the base UNet, is 5.1 GB).
+NO_SHARDING = "100GB"
+HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN fails instead of hanging the build
+HTTP_CHUNK_BYTES = 8 * 1024 * 1024
+HF_HOSTS = ("huggingface.co", "hf.co")  # only these get HF_TOKEN when the base is a URL
+
+
+@dataclass(frozen=True)
+class Part:
+    """One folder of the layout and what fills it: small files copied as they are, and weight files."""
+
+    folder: str
+    repo: str  # the default source
+    files: tuple[str, ...]  # glob patterns, relative to the repo root and to the folder alike
+    weights: tuple[str, ...]  # exact names; built from another form when the repo lacks them
+
+
+PARTS = {
+    BASE_DIR: Part(
+        BASE_DIR,
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        # No vae/: the fp16-fix VAE replaces it. The tokenizer folders hold vocab, merges and the
+        # tokenizer_config/special_tokens_map that set max length 77 and tokenizer_2's "!" padding.
+        (
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "tokenizer/*",
+            "tokenizer_2/*",
+            "text_encoder/config.json",
+            "text_encoder_2/config.json",
+            "unet/config.json",
+        ),
+        (
+            "text_encoder/model.fp16.safetensors",
+            "text_encoder_2/model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+        ),
+    ),
+    # The refiner borrows the base's text_encoder_2, tokenizer_2 and the VAE, so only its UNet is fetched.
+    REFINER_DIR: Part(
+        REFINER_DIR,
+        "stabilityai/stable-diffusion-xl-refiner-1.0",
+        ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json"),
+        ("unet/diffusion_pytorch_model.fp16.safetensors",),
+    ),
+    VAE_DIR: Part(VAE_DIR, "madebyollin/sdxl-vae-fp16-fix", ("config.json",), ("diffusion_pytorch_model.safetensors",)),
+    # The repo's main branch ships only pytorch_model.bin; it is converted to model.safetensors.
+    SAFETY_CHECKER_DIR: Part(
+        SAFETY_CHECKER_DIR,
+        "CompVis/stable-diffusion-safety-checker",
+        ("config.json", "preprocessor_config.json"),
+        ("model.safetensors",),
+    ),
+}
+
+# Repo files a weight file can be built from, best first, as regexes over names in its folder; {v} is
+# ".fp16" for variant targets. Casting to fp16 happens only for variant targets.
+SOURCE_NAMES = (
+    r"{stem}{v}\.safetensors",  # the file itself
+    r"{stem}{v}-\d+-of-\d+\.safetensors",  # the same, sharded
+    r"{stem}\.safetensors",  # full precision
+    r"{stem}-\d+-of-\d+\.safetensors",
+    r"{pickle}\.bin",  # no safetensors at all: a pickle, read with weights_only=True (no code runs)
+)
+PICKLE_STEMS = {"model": "pytorch_model"}  # transformers' legacy name; diffusers kept its stem
+
+
+class DownloadError(RuntimeError):
+    """A source could not be read or lacks a file; the message names it and says what to do."""
+
+
+# --- Sources -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    repo_id: str
+    revision: str
+    token: str | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.repo_id}@{self.revision}"
+
+    def resolve(self) -> tuple[str, frozenset[str]]:
+        """The commit the revision points at, and every file in the repo there."""
+        with _hub_errors(self.label):
+            info = HfApi(token=self.token).model_info(self.repo_id, revision=self.revision)
+        return info.sha, frozenset(s.rfilename for s in info.siblings)
+
+    def fetch(self, commit: str, files: list[str], dest: Path) -> None:
+        with _hub_errors(self.label):
+            snapshot_download(self.repo_id, revision=commit, local_dir=dest, allow_patterns=files, token=self.token)
+
+
+@dataclass(frozen=True)
+class MirrorRepo:
+    directory: Path
+
+    @property
+    def label(self) -> str:
+        return str(self.directory)
+
+    def resolve(self) -> tuple[str, frozenset[str]]:
+        """A fingerprint of the names, sizes and mtimes (a mirror has no commits), and the file list."""
+        names = sorted(
+            p.relative_to(self.directory).as_posix()
+            for p in self.directory.rglob("*")
+            if p.is_file() and not {".cache", ".git"} & set(p.relative_to(self.directory).parts)
+        )
+        stats = [f"{n} {(self.directory / n).stat().st_size} {(self.directory / n).stat().st_mtime_ns}" for n in names]
+        commit = "local-" + hashlib.sha256("\n".join(stats).encode()).hexdigest()[:12]
+        return commit, frozenset(names)
+
+    def fetch(self, commit: str, files: list[str], dest: Path) -> None:
+        for name in files:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.copyfile(self.directory / name, tmp)
+            os.replace(tmp, target)
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    location: str  # an http(s) URL or an absolute path
+
+    @property
+    def label(self) -> str:
+        return self.location
+
+    @property
+    def is_url(self) -> bool:
+        return urlparse(self.location).scheme in ("http", "https")
+
+
+@contextmanager
+def _hub_errors(label: str):
+    """Turn huggingface_hub's exceptions into one line naming the repo and the likely fix."""
+    hints = {
+        GatedRepoError: "it is gated: accept its licence on huggingface.co and set HF_TOKEN",
+        RepositoryNotFoundError: "it does not exist, or is private and HF_TOKEN lacks access",
+        RevisionNotFoundError: "it has no such revision",
+    }
+    try:
+        yield
+    except (HTTPError, OSError, HFValidationError) as e:
+        hint = next((hints[c] for c in type(e).__mro__ if c in hints), f"{type(e).__name__}: {e}")
+        raise DownloadError(
+            f"Cannot download {label} from the Hugging Face Hub ({hint}). Check the network and HF_TOKEN, "
+            f"or set {MIRROR_ENV} to a local mirror; a later run resumes."
+        ) from e
+
+
+def open_source(spec: str, revision: str = "main") -> HubRepo | MirrorRepo | SingleFile:
+    """A `.safetensors` path or URL, an existing folder, a repo in $SDXL_HUB_MIRROR, or a Hub repo id."""
+    if spec.lower().endswith((".ckpt", ".pt", ".pth", ".bin")):
+        raise DownloadError(f"{spec} is a pickle checkpoint; only .safetensors single files are accepted.")
+    if spec.lower().endswith(".safetensors"):
+        if SingleFile(spec).is_url:
+            return SingleFile(spec)
+        if not Path(spec).is_file():
+            raise DownloadError(f"No such checkpoint file: {spec}")
+        return SingleFile(str(Path(spec).resolve()))
+    if Path(spec).is_dir():
+        return MirrorRepo(Path(spec).resolve())
+    if mirror := os.environ.get(MIRROR_ENV):
+        if not (Path(mirror) / spec).is_dir():
+            raise DownloadError(f"{spec} is not in the mirror {MIRROR_ENV}={mirror} (no folder {Path(mirror) / spec}).")
+        return MirrorRepo((Path(mirror) / spec).resolve())
+    return HubRepo(spec, revision, os.environ.get("HF_TOKEN") or None)
+
+
+# --- Which repo files make each layout file --------------------------------------------------------
+
+
+def _plan(part: Part, listing: frozenset[str], label: str) -> dict[str, tuple[str, ...]]:
+    """Map each file the part needs (relative to its folder) to the repo files it is made from."""
+    plan = {}
+    for pattern in part.files:
+        matches = fnmatch.filter(listing, pattern)
+        if not matches:
+            raise DownloadError(f"{label} has no {pattern}; is it an SDXL-architecture diffusers repo?")
+        plan.update({name: (name,) for name in matches})
+    return plan | {target: _weight_sources(target, listing, label) for target in part.weights}
+
+
+def _weight_sources(target: str, listing: frozenset[str], label: str) -> tuple[str, ...]:
+    folder, name = posixpath.split(target)
+    stem, variant = name.split(".")[0], ".fp16" if ".fp16." in name else ""
+    in_folder = {posixpath.basename(f): f for f in listing if posixpath.dirname(f) == folder}
+    for pattern in SOURCE_NAMES:
+        regex = re.compile(pattern.format(stem=stem, v=re.escape(variant), pickle=PICKLE_STEMS.get(stem, stem)))
+        if found := sorted(path for base, path in in_folder.items() if regex.fullmatch(base)):
+            return tuple(found)
+    raise DownloadError(f"{label} has no weights for {target} (no safetensors or .bin in {folder or 'its root'}/).")
+
+
+# --- Converting weight files -----------------------------------------------------------------------
+
+
+def _read_safetensors(path: Path):
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+
+def _read_pickle(path: Path):
+    # weights_only refuses anything but tensors and plain containers; mmap avoids a second copy in RAM.
+    yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+READERS = {".safetensors": _read_safetensors, ".bin": _read_pickle}
+
+
+def convert_weights(sources: list[Path], target: Path) -> None:
+    """Merge `sources` (shards, or one file) into the single safetensors file `target`.
+
+    Floating tensors become fp16 when the target is an fp16 variant file; other targets keep the
+    source dtype. Tensors are read one at a time, so the peak is about the size of the output.
+    """
+    to_fp16 = ".fp16." in target.name
+    tensors = {}
+    for source in sources:
+        for key, tensor in READERS[source.suffix](source):
+            dtype = torch.float16 if to_fp16 and tensor.is_floating_point() else tensor.dtype
+            # A copy: it detaches from mmap'd or shared storage, which safetensors cannot save.
+            tensors[key] = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})  # "pt": transformers refuses files without it
+    os.replace(tmp, target)
+
+
+# --- Filling one part ------------------------------------------------------------------------------
+
+
+def _todo(root: Path, part: Part, source: str, plan: dict, old: dict) -> dict[str, tuple[str, ...]]:
+    """The planned files to (re)make: all of them after a source change, else those not intact.
+
+    Intact means the sha256 recorded last time: a size match alone would keep a same-sized file that an
+    interrupted run for another source (a different fine-tune) had already replaced.
+    """
+    if old.get("sources", {}).get(part.folder) != source:
+        return plan
+    files = old.get("files", {})
+
+    def intact(target: str) -> bool:
+        path, entry = root / part.folder / target, files.get(f"{part.folder}/{target}")
+        return (
+            entry is not None
+            and path.is_file()
+            and path.stat().st_size == entry["size"]
+            and (sha256_of(path) == entry["sha256"])
+        )
+
+    return {target: sources for target, sources in plan.items() if not intact(target)}
+
+
+def _fetch(repo: HubRepo | MirrorRepo, commit: str, files: list[str], dest: Path) -> None:
+    repo.fetch(commit, files, dest)
+    # huggingface_hub returns quietly with what a local_dir already holds when the Hub drops out mid-run.
+    if missing := [name for name in files if not (dest / name).is_file()]:
+        raise DownloadError(f"{repo.label} did not deliver {', '.join(missing)}. Run again to resume.")
+
+
+def _prune(folder: Path, keep: set[str]) -> None:
+    """Remove files the part no longer needs (from an earlier source), keeping downloader state."""
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and ".cache" not in relative.parts and relative.as_posix() not in keep:
+            path.unlink()
+
+
+def fill_from_repo(root: Path, part: Part, repo: HubRepo | MirrorRepo, old: dict) -> str:
+    """Fetch or build every file of `part` from `repo`, skipping files intact from the same commit."""
+    commit, listing = repo.resolve()
+    source, plan, folder = f"{repo.label} -> {commit}", _plan(part, listing, repo.label), root / part.folder
+    todo = _todo(root, part, source, plan, old)
+    logger.info("%s: %d of %d files to fetch from %s", part.folder, len(todo), len(plan), source)
+    if direct := [target for target, sources in todo.items() if sources == (target,)]:
+        _fetch(repo, commit, direct, folder)
+    for target, sources in todo.items():
+        if sources != (target,):
+            logger.info("%s: building %s from %s", part.folder, target, ", ".join(sources))
+            staging = root / STAGING / part.folder
+            _fetch(repo, commit, list(sources), staging)
+            convert_weights([staging / s for s in sources], folder / target)
+            shutil.rmtree(staging)  # a full-precision source is twice the size of what it became
+    _prune(folder, set(plan))
+    return source
+
+
+# --- Single-file checkpoints -----------------------------------------------------------------------
+
+
+def fetch_url(url: str, dest: Path, headers: dict[str, str] | None = None) -> Path:
+    """Stream `url` to `dest` through `dest.part`; a `.part` left by an earlier run resumes (HTTP Range)."""
+    if dest.is_file():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.is_file() else 0
+    # identity: a transparently decompressed body would not line up with byte ranges.
+    request_headers = {**(headers or {}), "Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
+    try:
+        with requests.get(url, headers=request_headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
+            _write_body(response, part, have)
+    except requests.RequestException as e:
+        raise DownloadError(f"Download of {url} failed ({e}). Run again to resume from {part}.") from e
+    os.replace(part, dest)
+    return dest
+
+
+def _write_body(response: requests.Response, part: Path, have: int) -> None:
+    expected = _expected_size(response)
+    if response.status_code == 416 and expected == have:
+        return  # the .part was complete when the earlier run stopped
+    if response.status_code == 416:
+        part.unlink()  # longer than the file, or the file changed: start over next time
+        raise DownloadError(f"{response.url} cannot resume {part} at byte {have}; it was deleted. Run again.")
+    response.raise_for_status()
+    # 206: the server honoured the Range, append; 200: it ignored it (or nothing to resume), start over.
+    with open(part, "ab" if response.status_code == 206 else "wb") as f:
+        for chunk in response.iter_content(HTTP_CHUNK_BYTES):
+            f.write(chunk)
+    if expected is not None and part.stat().st_size != expected:
+        raise DownloadError(
+            f"{response.url} ended after {part.stat().st_size} of {expected} bytes. Run again to resume."
+        )
+
+
+def _expected_size(response: requests.Response) -> int | None:
+    """The full file size: `Content-Range: bytes a-b/TOTAL` on 206 and 416, `Content-Length` on 200."""
+    content_range = response.headers.get("Content-Range", "")
+    if "/" in content_range and not content_range.endswith("/*"):
+        return int(content_range.rsplit("/", 1)[1])
+    length = response.headers.get("Content-Length")
+    return int(length) if response.status_code == 200 and length is not None else None
+
+
+def _auth_headers(url: str) -> dict[str, str]:
+    host, token = urlparse(url).hostname or "", os.environ.get("HF_TOKEN")
+    on_hub = any(host == h or host.endswith("." + h) for h in HF_HOSTS)
+    return {"Authorization": f"Bearer {token}"} if token and on_hub else {}
+
+
+def _local_checkpoint(root: Path, checkpoint: SingleFile) -> Path:
+    if not checkpoint.is_url:
+        return Path(checkpoint.location)
+    # One folder per URL, so two URLs ending in the same file name never share a .part file.
+    url_key = hashlib.sha256(checkpoint.location.encode()).hexdigest()[:12]
+    staged = root / STAGING / url_key / Path(urlparse(checkpoint.location).path).name
+    return fetch_url(checkpoint.location, staged, _auth_headers(checkpoint.location))
+
+
+def convert_single_file(checkpoint: Path, folder: Path, components: list[str]) -> None:
+    """Convert with the configs in `folder` (no VAE: the fp16-fix one replaces it); save fp16 variants."""
+    logger.info("%s: converting %s", folder.name, checkpoint)
+    try:
+        pipe = StableDiffusionXLPipeline.from_single_file(
+            str(checkpoint), config=str(folder), vae=None, torch_dtype=torch.float16, local_files_only=True
+        )
+    except (SingleFileComponentError, ValueError, KeyError) as e:
+        reason = str(e).splitlines()[0]  # the rest is diffusers' advice to Python callers
+        raise DownloadError(f"{checkpoint} is not a full SDXL checkpoint that diffusers can convert: {reason}") from e
+    for component in components:
+        getattr(pipe, component).save_pretrained(folder / component, variant="fp16", max_shard_size=NO_SHARDING)
+
+
+def fill_from_single_file(root: Path, part: Part, checkpoint: SingleFile, old: dict) -> str:
+    """Convert a single-file SDXL checkpoint into `part`, with the stock base's configs and tokenizers."""
+    path = _local_checkpoint(root, checkpoint)
+    stock = open_source(part.repo)
+    commit, listing = stock.resolve()
+    source = f"{checkpoint.label} -> sha256:{sha256_of(path)} (configs {stock.label} -> {commit})"
+    plan, folder = _plan(part, listing, stock.label), root / part.folder
+    if not _todo(root, part, source, plan, old):
+        return source
+    _fetch(stock, commit, [target for target in plan if target not in part.weights], folder)
+    convert_single_file(path, folder, sorted({posixpath.dirname(w) for w in part.weights}))
+    _prune(folder, set(plan))
+    return source
+
+
+# --- The recipe -------------------------------------------------------------------------------------
+
+
+def _sources(base: str | None, refiner: str | None, revision: str) -> dict[str, HubRepo | MirrorRepo | SingleFile]:
+    specs = {BASE_DIR: base, REFINER_DIR: refiner}
+    sources = {
+        folder: open_source(specs.get(folder) or part.repo, revision if folder == BASE_DIR else "main")
+        for folder, part in PARTS.items()
+    }
+    if isinstance(sources[REFINER_DIR], SingleFile):
+        raise DownloadError("Only --base takes a single-file checkpoint; --refiner needs a diffusers repo.")
+    return sources
+
+
+def _up_to_date(root: Path, requests_by_part: dict[str, str]) -> bool:
+    """The manifest records the same requests and every file is present at its recorded size."""
+    try:
+        manifest = verify(root)
+    except WeightsError:
+        return False
+    recorded = manifest.get("sources", {})
+    return all(recorded.get(folder, "").split(" -> ")[0] == label for folder, label in requests_by_part.items())
+
+
+def _set_aside_manifest(root: Path) -> dict:
+    """Move the manifest out of the way, so no half-updated directory passes verify(); return it.
+
+    It is kept in staging for the files it can still vouch for; an interrupted run leaves it there.
+    """
+    previous = root / STAGING / PREVIOUS_MANIFEST
+    previous.parent.mkdir(parents=True, exist_ok=True)
+    if (root / MANIFEST_NAME).is_file():
+        os.replace(root / MANIFEST_NAME, previous)
+    try:
+        return json.loads(previous.read_text()) if previous.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def download(root: Path, base: str | None = None, refiner: str | None = None, revision: str = "main") -> dict:
+    """Fill `root`; `base` may be a repo id, a mirror folder or a single `.safetensors` file or URL.
+
+    `revision` (a branch, tag or commit) applies to the base repo, stock or not; the other parts use main.
+    Returns the manifest. Raises DownloadError (a source) or WeightsError (the result).
+    """
+    root = Path(root).resolve()
+    # 1. What was asked for, part by part (no network yet).
+    sources = _sources(base, refiner, revision)
+    labels = {folder: source.label for folder, source in sources.items()}
+    # 2. Nothing to do when the manifest records the same sources and every file is intact.
+    if _up_to_date(root, labels):
+        logger.info("%s is up to date (%s); nothing to download.", root, ", ".join(labels.values()))
+        return read_manifest(root)
+    # 3. Fill each part, keeping files intact from the last run of the same commit.
+    old = _set_aside_manifest(root)
+    resolved = {}
+    for folder, source in sources.items():
+        fill = fill_from_single_file if isinstance(source, SingleFile) else fill_from_repo
+        resolved[folder] = fill(root, PARTS[folder], source, old)
+    # 4. Record where each part came from, with every file's size and sha256, and check the result.
+    shutil.rmtree(root / STAGING, ignore_errors=True)
+    write_manifest(root, sources=resolved)
+    manifest = verify(root)
+    logger.info("%s: %d files verified.", root, len(manifest["files"]))
+    return manifest

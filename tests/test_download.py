@@ -1,0 +1,676 @@
+"""script/download-weights and sdxl_cog.download, offline: a fake Hub mirror stands in for the four repos.
+
+The mirror copies the real repos' layouts (main branch) with small stand-in files, including everything
+the layout must skip: the base's own VAE, full-precision and ONNX/OpenVINO/Flax weights, single-file
+checkpoints, the refiner's text_encoder_2. The Hub path runs the real huggingface_hub calls against a
+local stand-in for the Hub API (HF_ENDPOINT); diffusers' single-file conversion is the one part replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import importlib.machinery
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub.constants
+import pytest
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+from sdxl_cog import download as dl
+from sdxl_cog.weights import MANIFEST_NAME, REQUIRED_FILES, WeightsError, read_manifest, sha256_of, verify
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "script" / "download-weights"
+
+BASE, REFINER = "stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0"
+VAE, SAFETY = "madebyollin/sdxl-vae-fp16-fix", "CompVis/stable-diffusion-safety-checker"
+TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+ENCODER_FILES = (
+    "config.json",
+    "model.fp16.safetensors",
+    "model.safetensors",
+    "flax_model.msgpack",
+    "model.onnx",
+    "openvino_model.bin",
+    "openvino_model.xml",
+)
+UNET_FILES = (
+    "config.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_flax_model.msgpack",
+    "model.onnx",
+    "model.onnx_data",
+    "openvino_model.bin",
+)
+VAE_FILES = ("config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors")
+
+# What each repo holds (stand-ins for the real files; the safety checker's pickle is built separately).
+REPO_FILES = {
+    BASE: [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "README.md",
+        "LICENSE.md",
+        "01.png",
+        "sd_xl_base_1.0.safetensors",
+        "sd_xl_base_1.0_0.9vae.safetensors",
+        "sd_xl_offset_example-lora_1.0.safetensors",
+        "vae_decoder/model.onnx",
+        "vae_encoder/model.onnx",
+        *[f"{d}/{f}" for d in ("tokenizer", "tokenizer_2") for f in TOKENIZER_FILES],
+        *[f"{d}/{f}" for d in ("text_encoder", "text_encoder_2") for f in ENCODER_FILES],
+        *[f"unet/{f}" for f in UNET_FILES],
+        *[f"{d}/{f}" for d in ("vae", "vae_1_0") for f in VAE_FILES],
+    ],
+    REFINER: [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "README.md",
+        "sd_xl_refiner_1.0.safetensors",
+        *[f"tokenizer_2/{f}" for f in TOKENIZER_FILES],
+        "text_encoder_2/config.json",
+        "text_encoder_2/model.fp16.safetensors",
+        "text_encoder_2/model.safetensors",
+        *[f"unet/{f}" for f in UNET_FILES[:3]],
+        *[f"{d}/{f}" for d in ("vae", "vae_1_0") for f in VAE_FILES],
+    ],
+    VAE: [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.bin",
+        "sdxl.vae.safetensors",
+        "sdxl_vae.safetensors",
+        "images/fix-fp16.png",
+    ],
+    SAFETY: ["README.md", "config.json", "preprocessor_config.json"],  # + pytorch_model.bin: no safetensors on main
+}
+SAFETY_TENSORS = {"concept_embeds": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor([7])}
+
+# The layout, written out: the tokenizers in full, each component's config and fp16 weights, nothing else.
+EXPECTED_FILES = {
+    "base/model_index.json",
+    "base/scheduler/scheduler_config.json",
+    *[f"base/{d}/{f}" for d in ("tokenizer", "tokenizer_2") for f in TOKENIZER_FILES],
+    "base/text_encoder/config.json",
+    "base/text_encoder/model.fp16.safetensors",
+    "base/text_encoder_2/config.json",
+    "base/text_encoder_2/model.fp16.safetensors",
+    "base/unet/config.json",
+    "base/unet/diffusion_pytorch_model.fp16.safetensors",
+    "refiner/model_index.json",
+    "refiner/scheduler/scheduler_config.json",
+    "refiner/unet/config.json",
+    "refiner/unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "safety_checker/config.json",
+    "safety_checker/preprocessor_config.json",
+    "safety_checker/model.safetensors",  # converted from pytorch_model.bin; every other file is a copy
+}
+PART_REPOS = {"base": BASE, "refiner": REFINER, "vae": VAE, "safety_checker": SAFETY}
+
+
+def source_of(layout_file: str) -> tuple[str, str]:
+    part, name = layout_file.split("/", 1)
+    return PART_REPOS[part], name
+
+
+def make_mirror(root: Path) -> Path:
+    for repo, files in REPO_FILES.items():
+        for name in files:
+            path = root / repo / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(f"{repo}/{name}\n".encode() * 3)
+    torch.save(SAFETY_TENSORS, root / SAFETY / "pytorch_model.bin")
+    return root
+
+
+def layout_files(root: Path) -> set[str]:
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and ".cache" not in p.relative_to(root).parts and p.name != MANIFEST_NAME
+    }
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {name: (root / name).stat().st_mtime_ns for name in layout_files(root)}
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch) -> Path:
+    root = make_mirror(tmp_path / "hub")
+    monkeypatch.setenv(dl.MIRROR_ENV, str(root))
+    return root
+
+
+@pytest.fixture
+def fetch_log(monkeypatch) -> list[str]:
+    """Every file a mirror copies, in order."""
+    copied, fetch = [], dl.MirrorRepo.fetch
+
+    def logged(self, commit, files, dest):
+        copied.extend(files)
+        return fetch(self, commit, files, dest)
+
+    monkeypatch.setattr(dl.MirrorRepo, "fetch", logged)
+    return copied
+
+
+def test_download_takes_exactly_the_layout_files(mirror, tmp_path):
+    dest = tmp_path / "weights"
+    manifest = dl.download(dest)
+
+    assert layout_files(dest) == EXPECTED_FILES
+    assert set(REQUIRED_FILES) <= EXPECTED_FILES
+    for name in EXPECTED_FILES - {"safety_checker/model.safetensors"}:
+        repo, source = source_of(name)
+        assert (dest / name).read_bytes() == (mirror / repo / source).read_bytes(), name
+    assert set(manifest["files"]) == EXPECTED_FILES
+    for name, entry in manifest["files"].items():
+        assert entry == {"size": (dest / name).stat().st_size, "sha256": sha256_of(dest / name)}
+    assert manifest["sources"]["base"].startswith(f"{mirror / BASE} -> local-")
+    verify(dest, full_hash=True)
+    assert not (dest / dl.STAGING).exists()
+
+
+def test_safety_checker_pickle_becomes_safetensors_with_the_same_tensors(mirror, tmp_path):
+    dl.download(tmp_path / "weights")
+    tensors = safetensors.torch.load_file(tmp_path / "weights" / "safety_checker" / "model.safetensors")
+    assert tensors.keys() == SAFETY_TENSORS.keys()
+    for name, tensor in SAFETY_TENSORS.items():
+        assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor)  # no fp16 variant: dtype kept
+
+
+def test_second_run_copies_nothing(mirror, tmp_path, fetch_log, caplog):
+    dest = tmp_path / "weights"
+    dl.download(dest)
+    before, fetch_log[:] = mtimes(dest), []
+    caplog.set_level("INFO")
+    dl.download(dest)
+    assert fetch_log == []
+    assert mtimes(dest) == before
+    assert "up to date" in caplog.text
+
+
+def test_deleted_or_truncated_files_are_fetched_again(mirror, tmp_path, fetch_log):
+    dest = tmp_path / "weights"
+    dl.download(dest)
+    (dest / "base/unet/diffusion_pytorch_model.fp16.safetensors").unlink()
+    with open(dest / "refiner/unet/config.json", "r+b") as f:
+        f.truncate(5)
+    (dest / "safety_checker/model.safetensors").unlink()
+    before, fetch_log[:] = mtimes(dest), []
+
+    dl.download(dest)
+
+    assert sorted(fetch_log) == [
+        "pytorch_model.bin",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    changed = {name for name, t in mtimes(dest).items() if before.get(name) != t}
+    assert changed == {
+        "base/unet/diffusion_pytorch_model.fp16.safetensors",
+        "refiner/unet/config.json",
+        "safety_checker/model.safetensors",
+    }
+    assert (dest / "refiner/unet/config.json").read_bytes() == (mirror / REFINER / "unet/config.json").read_bytes()
+    verify(dest, full_hash=True)
+
+
+def test_changed_base_replaces_the_base_and_prunes_what_it_lacks(mirror, tmp_path):
+    dest = tmp_path / "weights"
+    dl.download(dest)
+    other = Path(shutil.copytree(mirror / BASE, tmp_path / "other-base"))
+    (other / "tokenizer" / "special_tokens_map.json").unlink()
+    (other / "unet" / "config.json").write_text('{"other": true}')
+
+    manifest = dl.download(dest, base=str(other))
+
+    assert manifest["sources"]["base"].startswith(f"{other} -> local-")
+    assert not (dest / "base/tokenizer/special_tokens_map.json").exists()
+    assert (dest / "base/unet/config.json").read_text() == '{"other": true}'
+
+
+def test_interrupted_switch_leaves_no_manifest_and_the_next_run_repairs(mirror, tmp_path, monkeypatch):
+    dest = tmp_path / "weights"
+    dl.download(dest)
+    other = Path(shutil.copytree(mirror / BASE, tmp_path / "other-base"))
+    stock_unet = (mirror / BASE / "unet/config.json").read_bytes()
+    (other / "unet/config.json").write_bytes(b"x" * len(stock_unet))  # same size, other content
+    fill_from_repo = dl.fill_from_repo
+
+    def fail_at_refiner(root, part, repo, old):
+        if part.folder == "refiner":
+            raise dl.DownloadError("the network dropped")
+        return fill_from_repo(root, part, repo, old)
+
+    monkeypatch.setattr(dl, "fill_from_repo", fail_at_refiner)
+    with pytest.raises(dl.DownloadError):
+        dl.download(dest, base=str(other))
+    with pytest.raises(WeightsError, match="No weights manifest"):
+        verify(dest)  # setup() refuses the half-switched directory
+
+    monkeypatch.setattr(dl, "fill_from_repo", fill_from_repo)
+    dl.download(dest)  # back to the stock base: the other base's same-sized file must not pass as intact
+    assert (dest / "base/unet/config.json").read_bytes() == stock_unet
+    verify(dest, full_hash=True)
+
+
+def test_missing_component_names_the_repo_and_the_file(mirror, tmp_path):
+    (mirror / BASE / "tokenizer_2" / "vocab.json").unlink()
+    shutil.rmtree(mirror / BASE / "text_encoder_2")
+    with pytest.raises(dl.DownloadError, match=r"stable-diffusion-xl-base-1.0 has no text_encoder_2/config.json"):
+        dl.download(tmp_path / "weights")
+
+
+# --- --base: another SDXL diffusers repo without fp16 variant files -------------------------------------
+
+
+def full_precision_repo(tiny_weights: Path, repo: Path) -> Path:
+    """The tiny base as a repo like animagine-xl-4.0: fp32 weights without variants, one encoder sharded."""
+    shutil.copytree(tiny_weights / "base", repo)
+    for variant_file in sorted(repo.rglob("*.fp16.safetensors")):
+        tensors = {k: v.float() for k, v in safetensors.torch.load_file(variant_file).items()}
+        variant_file.unlink()
+        plain = variant_file.with_name(variant_file.name.replace(".fp16", ""))
+        if plain.parent.name == "text_encoder_2":  # sharded, as large fine-tunes are
+            keys = sorted(tensors)
+            for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), start=1):
+                shard = plain.with_name(f"model-0000{i}-of-00002.safetensors")
+                safetensors.torch.save_file({k: tensors[k] for k in part}, shard, metadata={"format": "pt"})
+        else:
+            safetensors.torch.save_file(tensors, plain, metadata={"format": "pt"})
+    shutil.copytree(tiny_weights / "vae", repo / "vae")  # a VAE of its own, which the layout must skip
+    (repo / "animagine-xl-4.0.safetensors").write_bytes(b"single-file copy, not needed")
+    # A scheduler config of its own (sdxl-turbo's trailing spacing): it must arrive unchanged.
+    config = json.loads((repo / "scheduler/scheduler_config.json").read_text()) | {"timestep_spacing": "trailing"}
+    (repo / "scheduler/scheduler_config.json").write_text(json.dumps(config))
+    return repo
+
+
+def test_base_repo_without_fp16_variants_is_converted(mirror, tmp_path, tiny_weights):
+    repo = full_precision_repo(tiny_weights, tmp_path / "animagine")
+    dest = tmp_path / "weights"
+    manifest = dl.download(dest, base=str(repo))
+
+    assert layout_files(dest) == EXPECTED_FILES
+    assert (dest / "base/scheduler/scheduler_config.json").read_bytes() == (
+        repo / "scheduler/scheduler_config.json"
+    ).read_bytes()
+    assert manifest["sources"]["base"].startswith(f"{repo} -> local-")
+    # The real loaders read the converted files as the fp16 variant, with the original values.
+    vae = AutoencoderKL.from_pretrained(tiny_weights / "vae")
+    pipe = StableDiffusionXLPipeline.from_pretrained(dest / "base", vae=vae, variant="fp16", use_safetensors=True)
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        weights_file = next((tiny_weights / "base" / component).glob("*.fp16.safetensors"))
+        original = safetensors.torch.load_file(weights_file)
+        converted = safetensors.torch.load_file(next((dest / "base" / component).glob("*.fp16.safetensors")))
+        assert converted.keys() == original.keys()
+        assert all(converted[k].dtype == torch.float16 and torch.equal(converted[k], original[k]) for k in original)
+        assert getattr(pipe, component) is not None
+
+
+def test_weight_sources_prefer_the_cheapest_form():
+    listing = frozenset(
+        {
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+            "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+            "text_encoder/pytorch_model.bin",
+            "text_encoder/model.onnx",
+        }
+    )
+    fp16_shards = (
+        "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+    )
+    assert dl._weight_sources("unet/diffusion_pytorch_model.fp16.safetensors", listing, "r") == fp16_shards
+    assert dl._weight_sources("text_encoder/model.fp16.safetensors", listing, "r") == (
+        "text_encoder/pytorch_model.bin",
+    )
+    with pytest.raises(dl.DownloadError, match="r has no weights for vae/diffusion_pytorch_model.safetensors"):
+        dl._weight_sources("vae/diffusion_pytorch_model.safetensors", listing, "r")
+
+
+# --- --base: a single-file checkpoint, over HTTP with Range resume ---------------------------------------
+
+
+class BlobServer(http.server.ThreadingHTTPServer):
+    """Serves one blob at any path on 127.0.0.1, honouring `Range: bytes=N-` unless told not to."""
+
+    def __init__(self, blob: bytes, honour_range: bool = True):
+        self.blob, self.honour_range, self.ranges = blob, honour_range, []
+        super().__init__(("127.0.0.1", 0), BlobHandler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def url(self, name: str = "model.safetensors") -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/files/{name}"
+
+
+class BlobHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        blob, requested = self.server.blob, self.headers.get("Range")
+        self.server.ranges.append(requested)
+        start = int(requested.removeprefix("bytes=").rstrip("-")) if requested and self.server.honour_range else 0
+        if start >= len(blob) and requested and self.server.honour_range:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(blob)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(blob) - 1}/{len(blob)}")
+        self.send_header("Content-Length", str(len(blob) - start))
+        self.end_headers()
+        self.wfile.write(blob[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+BLOB = bytes(range(256)) * 4099  # ~1 MB, not a multiple of the chunk size
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(blob: bytes = BLOB, honour_range: bool = True) -> BlobServer:
+        servers.append(BlobServer(blob, honour_range))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+@pytest.mark.parametrize(
+    "partial, honour_range, expected_range",
+    [
+        (b"", True, None),  # fresh download
+        (BLOB[:300_001], True, "bytes=300001-"),  # resume an interrupted one
+        (BLOB, True, f"bytes={len(BLOB)}-"),  # the .part was complete: 416, kept as it is
+        (b"stale bytes", False, "bytes=11-"),  # the server ignores Range: start over
+    ],
+    ids=["fresh", "resume", "complete-part", "no-range-support"],
+)
+def test_fetch_url_resumes_a_partial_file(server, tmp_path, partial, honour_range, expected_range):
+    blob_server = server(honour_range=honour_range)
+    dest = tmp_path / "model.safetensors"
+    if partial:
+        dest.with_name("model.safetensors.part").write_bytes(partial)
+
+    assert dl.fetch_url(blob_server.url(), dest) == dest
+
+    assert blob_server.ranges == [expected_range]
+    assert dest.read_bytes() == BLOB
+    assert sha256_of(dest) == hashlib.sha256(BLOB).hexdigest()
+    assert not dest.with_name("model.safetensors.part").exists()
+
+
+def test_fetch_url_failure_says_how_to_resume(tmp_path):
+    with pytest.raises(dl.DownloadError, match="Run again to resume"):
+        dl.fetch_url(f"http://127.0.0.1:{closed_port()}/x.safetensors", tmp_path / "x.safetensors")
+
+
+def test_hf_token_goes_only_to_the_hub(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert dl._auth_headers("https://huggingface.co/a/b/resolve/main/x.safetensors") == {
+        "Authorization": "Bearer hf_secret"
+    }
+    assert dl._auth_headers("https://civitai.com/api/download/models/1") == {}
+    assert dl._auth_headers("https://huggingface.co.evil.example/x.safetensors") == {}
+
+
+def test_single_file_url_is_converted_with_the_stock_configs(mirror, tmp_path, server, monkeypatch):
+    """Plumbing only: diffusers' conversion is replaced, since it needs a full original-format checkpoint."""
+    calls = []
+
+    def from_single_file(path, **kwargs):
+        calls.append((Path(path).read_bytes() == BLOB, kwargs))
+        return SimpleNamespace(**{c: TinyModel() for c in ("unet", "text_encoder", "text_encoder_2")})
+
+    monkeypatch.setattr(dl.StableDiffusionXLPipeline, "from_single_file", from_single_file)
+    url = server().url("animagine-xl-4.0.safetensors")
+    dest = tmp_path / "weights"
+
+    manifest = dl.download(dest, base=url)
+
+    [(got_blob, kwargs)] = calls
+    assert got_blob and kwargs["config"] == str(dest / "base") and kwargs["vae"] is None
+    assert kwargs["torch_dtype"] == torch.float16 and kwargs["local_files_only"] is True
+    assert layout_files(dest) == EXPECTED_FILES
+    assert manifest["sources"]["base"].startswith(f"{url} -> sha256:{hashlib.sha256(BLOB).hexdigest()} (configs ")
+    assert (dest / "base/tokenizer_2/vocab.json").read_bytes() == (
+        mirror / BASE / "tokenizer_2/vocab.json"
+    ).read_bytes()
+    assert not (dest / dl.STAGING).exists()  # the 7 GB checkpoint is not left in the image
+
+
+def test_single_file_that_is_not_sdxl_fails_with_a_clear_message(mirror, tmp_path, tiny_weights):
+    """diffusers' real from_single_file, with real configs and tokenizers, rejecting foreign keys."""
+    for config in (tiny_weights / "base").rglob("*"):
+        if config.is_file() and config.suffix != ".safetensors":
+            shutil.copyfile(config, mirror / BASE / config.relative_to(tiny_weights / "base"))
+    checkpoint = tmp_path / "not-sdxl.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, checkpoint)
+    with pytest.raises(dl.DownloadError, match="not-sdxl.safetensors is not a full SDXL checkpoint") as error:
+        dl.download(tmp_path / "weights", base=str(checkpoint))
+    assert "Weights for this component appear to be missing" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+class TinyModel(torch.nn.Module):
+    """Saves like diffusers/transformers models do: config.json plus the variant weights file."""
+
+    def save_pretrained(self, directory: Path, variant: str, max_shard_size: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text("{}")
+        stem = "diffusion_pytorch_model" if directory.name == "unet" else "model"
+        safetensors.torch.save_file(
+            {"w": torch.ones(2, dtype=torch.float16)}, directory / f"{stem}.{variant}.safetensors"
+        )
+
+
+# --- Choosing sources, and the CLI ----------------------------------------------------------------------
+
+
+def test_sources_revision_applies_to_the_base_only(monkeypatch):
+    monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
+    sources = dl._sources(None, None, "abc123")
+    assert sources["base"] == dl.HubRepo(BASE, "abc123", os.environ.get("HF_TOKEN") or None)
+    assert {s.revision for name, s in sources.items() if name != "base"} == {"main"}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("model.ckpt", "pickle checkpoint"),
+        ("/nonexistent/model.safetensors", "No such checkpoint file"),
+    ],
+)
+def test_open_source_rejects(spec, message):
+    with pytest.raises(dl.DownloadError, match=message):
+        dl.open_source(spec)
+
+
+def test_refiner_must_be_a_repo(mirror):
+    with pytest.raises(dl.DownloadError, match="Only --base takes a single-file checkpoint"):
+        dl._sources(None, "https://example.com/refiner.safetensors", "main")
+
+
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_lists_the_options():
+    result = run_script("--help")
+    assert result.returncode == 0
+    for option in ("--dest", "--base", "--refiner", "--revision", "SDXL_HUB_MIRROR"):
+        assert option in result.stdout
+
+
+def load_script():
+    loader = importlib.machinery.SourceFileLoader("download_weights", str(SCRIPT))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on return: connections are refused
+
+
+def test_unreachable_hub_fails_with_a_message_naming_the_repo(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+
+    assert load_script().main(["--dest", str(tmp_path / "weights")]) == 1
+
+    err = capsys.readouterr().err
+    assert "Cannot download stabilityai/stable-diffusion-xl-base-1.0@main from the Hugging Face Hub" in err
+    assert "Traceback" not in err
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """The parts of the Hub API huggingface_hub uses here, serving the mirror's repos at fixed commits."""
+
+    def __init__(self, mirror: Path):
+        self.mirror, self.requests = mirror, []
+        super().__init__(("127.0.0.1", 0), FakeHubHandler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def commit_of(repo: str) -> str:
+    return hashlib.sha1(repo.encode()).hexdigest()  # 40 hex digits, as the Hub's
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    ROUTES = (  # (regex over the path, handler method)
+        (r"/api/models/(\w+/[\w.-]+)/revision/([^/]+)", "model_info"),
+        (r"/api/models/(\w+/[\w.-]+)/tree/([^/]+)", "tree"),
+        (r"/(\w+/[\w.-]+)/resolve/([^/]+)/(.+)", "resolve"),
+    )
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        for pattern, method in self.ROUTES:
+            if match := re.fullmatch(pattern, path):
+                self.server.requests.append((self.command, path, self.headers.get("Authorization")))
+                return getattr(self, method)(*match.groups())
+        self.send_error(404)  # e.g. huggingface_hub's /api/agent-harnesses, irrelevant here
+
+    do_HEAD = do_GET
+
+    def files(self, repo: str) -> list[Path]:
+        root = self.server.mirror / repo
+        return sorted(p for p in root.rglob("*") if p.is_file())
+
+    def send_json(self, data) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def model_info(self, repo: str, revision: str):
+        root = self.server.mirror / repo
+        siblings = [{"rfilename": p.relative_to(root).as_posix()} for p in self.files(repo)]
+        self.send_json({"id": repo, "sha": commit_of(repo), "siblings": siblings})
+
+    def tree(self, repo: str, revision: str):
+        root = self.server.mirror / repo
+        self.send_json(
+            [
+                {
+                    "type": "file",
+                    "path": p.relative_to(root).as_posix(),
+                    "size": p.stat().st_size,
+                    "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+                }
+                for p in self.files(repo)
+            ]
+        )
+
+    def resolve(self, repo: str, revision: str, name: str):
+        body = (self.server.mirror / repo / name).read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", commit_of(repo))
+        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_script_downloads_from_the_hub_api_then_reports_up_to_date(tmp_path, monkeypatch, caplog):
+    """The real huggingface_hub calls, against a local stand-in for huggingface.co (HF_ENDPOINT)."""
+    hub = FakeHub(make_mirror(tmp_path / "hub"))
+    dest = tmp_path / "weights"
+    env = {
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_TOKEN": "hf_test",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "SDXL_HUB_MIRROR": "",
+        "SDXL_WEIGHTS_DIR": str(dest),
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    try:
+        result = run_script(env=env)
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(dest)
+    assert set(manifest["files"]) == EXPECTED_FILES
+    assert manifest["sources"]["base"] == f"{BASE}@main -> {commit_of(BASE)}"
+    assert all(auth == "Bearer hf_test" for _, _, auth in hub.requests)
+    fetched = {
+        path.split("/resolve/")[1].split("/", 1)[1]
+        for method, path, _ in hub.requests
+        if method == "GET" and "/resolve/" in path
+    }
+    assert "vae/config.json" not in fetched and "unet/diffusion_pytorch_model.safetensors" not in fetched
+    # A second run finds the manifest complete and touches no network at all.
+    monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
+    monkeypatch.setattr(dl.HubRepo, "resolve", lambda self: pytest.fail(f"network use for {self.label}"))
+    caplog.set_level("INFO")
+    dl.download(dest)
+    assert "up to date" in caplog.text
