@@ -1,10 +1,11 @@
 """Fill the weights directory (layout: sdxl_cog/weights.py) with exactly what setup() loads.
 
-Each part of the layout comes from one source: a Hugging Face Hub repo, a local folder laid out like one
-(a mirror, for offline builds and tests), or, for the base only, a single-file `.safetensors` checkpoint.
-Hub and mirror share every step but the transfer itself: choosing files, converting weights the layout
-needs in another form, skipping files intact from the last run, pruning leftovers, and the manifest.
-Interrupted runs resume: huggingface_hub continues its `.incomplete` files, URLs their `.part` file.
+Each part of the layout comes from one source (sdxl_cog/weight_sources.py): a Hugging Face Hub repo, a
+local folder laid out like one (a mirror, for offline builds and tests), or, for the base only, a
+single-file `.safetensors` checkpoint. Hub and mirror share every step but the transfer itself: choosing
+files, converting weights the layout needs in another form (sdxl_cog/convert.py), skipping files intact
+from the last run, pruning leftovers, and the manifest. Interrupted runs resume: huggingface_hub
+continues its `.incomplete` files, URLs their `.part` file (sdxl_cog/http_download.py).
 """
 
 from __future__ import annotations
@@ -17,26 +18,13 @@ import os
 import posixpath
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import requests
-import torch
-from diffusers import StableDiffusionXLPipeline
-from diffusers.loaders.single_file_utils import SingleFileComponentError
-from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HFValidationError,
-    HTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from safetensors import safe_open
-from safetensors.torch import save_file
-
+from .convert import convert_single_file, convert_weights
+from .http_download import fetch_url, hf_auth_headers
+from .weight_sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
 from .weights import (
     BASE_DIR,
     MANIFEST_NAME,
@@ -52,17 +40,13 @@ from .weights import (
 
 logger = logging.getLogger(__name__)
 
-# A folder whose subfolders are owner/name copies of Hub repos; when set, repo ids are read from it.
-MIRROR_ENV = "SDXL_HUB_MIRROR"
 # Converted inputs (full-precision weights, single-file checkpoints) wait here: on the weights disk, and
 # under `.cache`, which the manifest skips. It is removed after a successful run, so images stay lean.
 STAGING = Path(".cache") / "sdxl-cog"
 PREVIOUS_MANIFEST = "previous-manifest.json"
-# setup() expects one file per component, so nothing is sharded (the largest, the base UNet, is 5.1 GB).
-NO_SHARDING = "100GB"
-HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN fails instead of hanging the build
-HTTP_CHUNK_BYTES = 8 * 1024 * 1024
-HF_HOSTS = ("huggingface.co", "hf.co")  # only these get HF_TOKEN when the base is a URL
+
+
+# --- What fills each part of the layout -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -125,112 +109,6 @@ SOURCE_NAMES = (
 PICKLE_STEMS = {"model": "pytorch_model"}  # transformers' legacy name; diffusers kept its stem
 
 
-class DownloadError(RuntimeError):
-    """A source could not be read or lacks a file; the message names it and says what to do."""
-
-
-# --- Sources -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HubRepo:
-    repo_id: str
-    revision: str
-    token: str | None
-
-    @property
-    def label(self) -> str:
-        return f"{self.repo_id}@{self.revision}"
-
-    def resolve(self) -> tuple[str, frozenset[str]]:
-        """The commit the revision points at, and every file in the repo there."""
-        with _hub_errors(self.label):
-            info = HfApi(token=self.token).model_info(self.repo_id, revision=self.revision)
-        return info.sha, frozenset(s.rfilename for s in info.siblings)
-
-    def fetch(self, commit: str, files: list[str], dest: Path) -> None:
-        with _hub_errors(self.label):
-            snapshot_download(self.repo_id, revision=commit, local_dir=dest, allow_patterns=files, token=self.token)
-
-
-@dataclass(frozen=True)
-class MirrorRepo:
-    directory: Path
-
-    @property
-    def label(self) -> str:
-        return str(self.directory)
-
-    def resolve(self) -> tuple[str, frozenset[str]]:
-        """A fingerprint of the names, sizes and mtimes (a mirror has no commits), and the file list."""
-        names = sorted(
-            p.relative_to(self.directory).as_posix()
-            for p in self.directory.rglob("*")
-            if p.is_file() and not {".cache", ".git"} & set(p.relative_to(self.directory).parts)
-        )
-        stats = [f"{n} {(self.directory / n).stat().st_size} {(self.directory / n).stat().st_mtime_ns}" for n in names]
-        commit = "local-" + hashlib.sha256("\n".join(stats).encode()).hexdigest()[:12]
-        return commit, frozenset(names)
-
-    def fetch(self, commit: str, files: list[str], dest: Path) -> None:
-        for name in files:
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.copyfile(self.directory / name, tmp)
-            os.replace(tmp, target)
-
-
-@dataclass(frozen=True)
-class SingleFile:
-    location: str  # an http(s) URL or an absolute path
-
-    @property
-    def label(self) -> str:
-        return self.location
-
-    @property
-    def is_url(self) -> bool:
-        return urlparse(self.location).scheme in ("http", "https")
-
-
-@contextmanager
-def _hub_errors(label: str):
-    """Turn huggingface_hub's exceptions into one line naming the repo and the likely fix."""
-    hints = {
-        GatedRepoError: "it is gated: accept its licence on huggingface.co and set HF_TOKEN",
-        RepositoryNotFoundError: "it does not exist, or is private and HF_TOKEN lacks access",
-        RevisionNotFoundError: "it has no such revision",
-    }
-    try:
-        yield
-    except (HTTPError, OSError, HFValidationError) as e:
-        hint = next((hints[c] for c in type(e).__mro__ if c in hints), f"{type(e).__name__}: {e}")
-        raise DownloadError(
-            f"Cannot download {label} from the Hugging Face Hub ({hint}). Check the network and HF_TOKEN, "
-            f"or set {MIRROR_ENV} to a local mirror; a later run resumes."
-        ) from e
-
-
-def open_source(spec: str, revision: str = "main") -> HubRepo | MirrorRepo | SingleFile:
-    """A `.safetensors` path or URL, an existing folder, a repo in $SDXL_HUB_MIRROR, or a Hub repo id."""
-    if spec.lower().endswith((".ckpt", ".pt", ".pth", ".bin")):
-        raise DownloadError(f"{spec} is a pickle checkpoint; only .safetensors single files are accepted.")
-    if spec.lower().endswith(".safetensors"):
-        if SingleFile(spec).is_url:
-            return SingleFile(spec)
-        if not Path(spec).is_file():
-            raise DownloadError(f"No such checkpoint file: {spec}")
-        return SingleFile(str(Path(spec).resolve()))
-    if Path(spec).is_dir():
-        return MirrorRepo(Path(spec).resolve())
-    if mirror := os.environ.get(MIRROR_ENV):
-        if not (Path(mirror) / spec).is_dir():
-            raise DownloadError(f"{spec} is not in the mirror {MIRROR_ENV}={mirror} (no folder {Path(mirror) / spec}).")
-        return MirrorRepo((Path(mirror) / spec).resolve())
-    return HubRepo(spec, revision, os.environ.get("HF_TOKEN") or None)
-
-
 # --- Which repo files make each layout file --------------------------------------------------------
 
 
@@ -254,42 +132,6 @@ def _weight_sources(target: str, listing: frozenset[str], label: str) -> tuple[s
         if found := sorted(path for base, path in in_folder.items() if regex.fullmatch(base)):
             return tuple(found)
     raise DownloadError(f"{label} has no weights for {target} (no safetensors or .bin in {folder or 'its root'}/).")
-
-
-# --- Converting weight files -----------------------------------------------------------------------
-
-
-def _read_safetensors(path: Path):
-    with safe_open(path, framework="pt") as f:
-        for key in f.keys():
-            yield key, f.get_tensor(key)
-
-
-def _read_pickle(path: Path):
-    # weights_only refuses anything but tensors and plain containers; mmap avoids a second copy in RAM.
-    yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
-
-
-READERS = {".safetensors": _read_safetensors, ".bin": _read_pickle}
-
-
-def convert_weights(sources: list[Path], target: Path) -> None:
-    """Merge `sources` (shards, or one file) into the single safetensors file `target`.
-
-    Floating tensors become fp16 when the target is an fp16 variant file; other targets keep the
-    source dtype. Tensors are read one at a time, so the peak is about the size of the output.
-    """
-    to_fp16 = ".fp16." in target.name
-    tensors = {}
-    for source in sources:
-        for key, tensor in READERS[source.suffix](source):
-            dtype = torch.float16 if to_fp16 and tensor.is_floating_point() else tensor.dtype
-            # A copy: it detaches from mmap'd or shared storage, which safetensors cannot save.
-            tensors[key] = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})  # "pt": transformers refuses files without it
-    os.replace(tmp, target)
 
 
 # --- Filling one part ------------------------------------------------------------------------------
@@ -343,66 +185,19 @@ def fill_from_repo(root: Path, part: Part, repo: HubRepo | MirrorRepo, old: dict
     for target, sources in todo.items():
         if sources != (target,):
             logger.info("%s: building %s from %s", part.folder, target, ", ".join(sources))
-            staging = root / STAGING / part.folder
-            _fetch(repo, commit, list(sources), staging)
-            convert_weights([staging / s for s in sources], folder / target)
-            shutil.rmtree(staging)  # a full-precision source is twice the size of what it became
+            _build(repo, commit, sources, root / STAGING / part.folder, folder / target)
     _prune(folder, set(plan))
     return source
 
 
+def _build(repo: HubRepo | MirrorRepo, commit: str, sources: tuple[str, ...], staging: Path, target: Path) -> None:
+    """Fetch the repo files `target` is made from into `staging`, convert them, and drop them."""
+    _fetch(repo, commit, list(sources), staging)
+    convert_weights([staging / s for s in sources], target)
+    shutil.rmtree(staging)  # a full-precision source is twice the size of what it became
+
+
 # --- Single-file checkpoints -----------------------------------------------------------------------
-
-
-def fetch_url(url: str, dest: Path, headers: dict[str, str] | None = None) -> Path:
-    """Stream `url` to `dest` through `dest.part`; a `.part` left by an earlier run resumes (HTTP Range)."""
-    if dest.is_file():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.is_file() else 0
-    # identity: a transparently decompressed body would not line up with byte ranges.
-    request_headers = {**(headers or {}), "Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
-    try:
-        with requests.get(url, headers=request_headers, stream=True, timeout=HTTP_TIMEOUT_S) as response:
-            _write_body(response, part, have)
-    except requests.RequestException as e:
-        raise DownloadError(f"Download of {url} failed ({e}). Run again to resume from {part}.") from e
-    os.replace(part, dest)
-    return dest
-
-
-def _write_body(response: requests.Response, part: Path, have: int) -> None:
-    expected = _expected_size(response)
-    if response.status_code == 416 and expected == have:
-        return  # the .part was complete when the earlier run stopped
-    if response.status_code == 416:
-        part.unlink()  # longer than the file, or the file changed: start over next time
-        raise DownloadError(f"{response.url} cannot resume {part} at byte {have}; it was deleted. Run again.")
-    response.raise_for_status()
-    # 206: the server honoured the Range, append; 200: it ignored it (or nothing to resume), start over.
-    with open(part, "ab" if response.status_code == 206 else "wb") as f:
-        for chunk in response.iter_content(HTTP_CHUNK_BYTES):
-            f.write(chunk)
-    if expected is not None and part.stat().st_size != expected:
-        raise DownloadError(
-            f"{response.url} ended after {part.stat().st_size} of {expected} bytes. Run again to resume."
-        )
-
-
-def _expected_size(response: requests.Response) -> int | None:
-    """The full file size: `Content-Range: bytes a-b/TOTAL` on 206 and 416, `Content-Length` on 200."""
-    content_range = response.headers.get("Content-Range", "")
-    if "/" in content_range and not content_range.endswith("/*"):
-        return int(content_range.rsplit("/", 1)[1])
-    length = response.headers.get("Content-Length")
-    return int(length) if response.status_code == 200 and length is not None else None
-
-
-def _auth_headers(url: str) -> dict[str, str]:
-    host, token = urlparse(url).hostname or "", os.environ.get("HF_TOKEN")
-    on_hub = any(host == h or host.endswith("." + h) for h in HF_HOSTS)
-    return {"Authorization": f"Bearer {token}"} if token and on_hub else {}
 
 
 def _local_checkpoint(root: Path, checkpoint: SingleFile) -> Path:
@@ -411,21 +206,7 @@ def _local_checkpoint(root: Path, checkpoint: SingleFile) -> Path:
     # One folder per URL, so two URLs ending in the same file name never share a .part file.
     url_key = hashlib.sha256(checkpoint.location.encode()).hexdigest()[:12]
     staged = root / STAGING / url_key / Path(urlparse(checkpoint.location).path).name
-    return fetch_url(checkpoint.location, staged, _auth_headers(checkpoint.location))
-
-
-def convert_single_file(checkpoint: Path, folder: Path, components: list[str]) -> None:
-    """Convert with the configs in `folder` (no VAE: the fp16-fix one replaces it); save fp16 variants."""
-    logger.info("%s: converting %s", folder.name, checkpoint)
-    try:
-        pipe = StableDiffusionXLPipeline.from_single_file(
-            str(checkpoint), config=str(folder), vae=None, torch_dtype=torch.float16, local_files_only=True
-        )
-    except (SingleFileComponentError, ValueError, KeyError) as e:
-        reason = str(e).splitlines()[0]  # the rest is diffusers' advice to Python callers
-        raise DownloadError(f"{checkpoint} is not a full SDXL checkpoint that diffusers can convert: {reason}") from e
-    for component in components:
-        getattr(pipe, component).save_pretrained(folder / component, variant="fp16", max_shard_size=NO_SHARDING)
+    return fetch_url(checkpoint.location, staged, hf_auth_headers(checkpoint.location))
 
 
 def fill_from_single_file(root: Path, part: Part, checkpoint: SingleFile, old: dict) -> str:

@@ -29,6 +29,7 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+from sdxl_cog import convert, http_download, weight_sources
 from sdxl_cog import download as dl
 from sdxl_cog.weights import MANIFEST_NAME, REQUIRED_FILES, WeightsError, read_manifest, sha256_of, verify
 
@@ -155,20 +156,20 @@ def mtimes(root: Path) -> dict[str, int]:
 @pytest.fixture
 def mirror(tmp_path, monkeypatch) -> Path:
     root = make_mirror(tmp_path / "hub")
-    monkeypatch.setenv(dl.MIRROR_ENV, str(root))
+    monkeypatch.setenv(weight_sources.MIRROR_ENV, str(root))
     return root
 
 
 @pytest.fixture
 def fetch_log(monkeypatch) -> list[str]:
     """Every file a mirror copies, in order."""
-    copied, fetch = [], dl.MirrorRepo.fetch
+    copied, fetch = [], weight_sources.MirrorRepo.fetch
 
     def logged(self, commit, files, dest):
         copied.extend(files)
         return fetch(self, commit, files, dest)
 
-    monkeypatch.setattr(dl.MirrorRepo, "fetch", logged)
+    monkeypatch.setattr(weight_sources.MirrorRepo, "fetch", logged)
     return copied
 
 
@@ -420,7 +421,7 @@ def test_fetch_url_resumes_a_partial_file(server, tmp_path, partial, honour_rang
     if partial:
         dest.with_name("model.safetensors.part").write_bytes(partial)
 
-    assert dl.fetch_url(blob_server.url(), dest) == dest
+    assert http_download.fetch_url(blob_server.url(), dest) == dest
 
     assert blob_server.ranges == [expected_range]
     assert dest.read_bytes() == BLOB
@@ -430,16 +431,16 @@ def test_fetch_url_resumes_a_partial_file(server, tmp_path, partial, honour_rang
 
 def test_fetch_url_failure_says_how_to_resume(tmp_path):
     with pytest.raises(dl.DownloadError, match="Run again to resume"):
-        dl.fetch_url(f"http://127.0.0.1:{closed_port()}/x.safetensors", tmp_path / "x.safetensors")
+        http_download.fetch_url(f"http://127.0.0.1:{closed_port()}/x.safetensors", tmp_path / "x.safetensors")
 
 
 def test_hf_token_goes_only_to_the_hub(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    assert dl._auth_headers("https://huggingface.co/a/b/resolve/main/x.safetensors") == {
+    assert http_download.hf_auth_headers("https://huggingface.co/a/b/resolve/main/x.safetensors") == {
         "Authorization": "Bearer hf_secret"
     }
-    assert dl._auth_headers("https://civitai.com/api/download/models/1") == {}
-    assert dl._auth_headers("https://huggingface.co.evil.example/x.safetensors") == {}
+    assert http_download.hf_auth_headers("https://civitai.com/api/download/models/1") == {}
+    assert http_download.hf_auth_headers("https://huggingface.co.evil.example/x.safetensors") == {}
 
 
 def test_single_file_url_is_converted_with_the_stock_configs(mirror, tmp_path, server, monkeypatch):
@@ -450,7 +451,7 @@ def test_single_file_url_is_converted_with_the_stock_configs(mirror, tmp_path, s
         calls.append((Path(path).read_bytes() == BLOB, kwargs))
         return SimpleNamespace(**{c: TinyModel() for c in ("unet", "text_encoder", "text_encoder_2")})
 
-    monkeypatch.setattr(dl.StableDiffusionXLPipeline, "from_single_file", from_single_file)
+    monkeypatch.setattr(convert.StableDiffusionXLPipeline, "from_single_file", from_single_file)
     url = server().url("animagine-xl-4.0.safetensors")
     dest = tmp_path / "weights"
 
@@ -496,9 +497,9 @@ class TinyModel(torch.nn.Module):
 
 
 def test_sources_revision_applies_to_the_base_only(monkeypatch):
-    monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(weight_sources.MIRROR_ENV, raising=False)
     sources = dl._sources(None, None, "abc123")
-    assert sources["base"] == dl.HubRepo(BASE, "abc123", os.environ.get("HF_TOKEN") or None)
+    assert sources["base"] == weight_sources.HubRepo(BASE, "abc123", os.environ.get("HF_TOKEN") or None)
     assert {s.revision for name, s in sources.items() if name != "base"} == {"main"}
 
 
@@ -511,7 +512,7 @@ def test_sources_revision_applies_to_the_base_only(monkeypatch):
 )
 def test_open_source_rejects(spec, message):
     with pytest.raises(dl.DownloadError, match=message):
-        dl.open_source(spec)
+        weight_sources.open_source(spec)
 
 
 def test_refiner_must_be_a_repo(mirror):
@@ -550,7 +551,7 @@ def closed_port() -> int:
 
 
 def test_unreachable_hub_fails_with_a_message_naming_the_repo(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(weight_sources.MIRROR_ENV, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
 
     assert load_script().main(["--dest", str(tmp_path / "weights")]) == 1
@@ -669,8 +670,8 @@ def test_script_downloads_from_the_hub_api_then_reports_up_to_date(tmp_path, mon
     }
     assert "vae/config.json" not in fetched and "unet/diffusion_pytorch_model.safetensors" not in fetched
     # A second run finds the manifest complete and touches no network at all.
-    monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
-    monkeypatch.setattr(dl.HubRepo, "resolve", lambda self: pytest.fail(f"network use for {self.label}"))
+    monkeypatch.delenv(weight_sources.MIRROR_ENV, raising=False)
+    monkeypatch.setattr(weight_sources.HubRepo, "resolve", lambda self: pytest.fail(f"network use for {self.label}"))
     caplog.set_level("INFO")
     dl.download(dest)
     assert "up to date" in caplog.text

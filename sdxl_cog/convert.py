@@ -1,0 +1,70 @@
+"""Build the layout's safetensors weight files from weights a source ships in another form.
+
+Two conversions: `convert_weights` merges full-precision, sharded or pickled (`.bin`) weight files into
+the one safetensors file a component loads; `convert_single_file` splits a single-file SDXL checkpoint
+into the base's components with diffusers' from_single_file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .atomic import atomic_target
+from .weight_sources import DownloadError
+
+logger = logging.getLogger(__name__)
+
+# setup() expects one file per component, so nothing is sharded (the largest, the base UNet, is 5.1 GB).
+NO_SHARDING = "100GB"
+
+
+def _read_safetensors(path: Path):
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+
+def _read_pickle(path: Path):
+    # weights_only refuses anything but tensors and plain containers; mmap avoids a second copy in RAM.
+    yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+READERS = {".safetensors": _read_safetensors, ".bin": _read_pickle}
+
+
+def convert_weights(sources: list[Path], target: Path) -> None:
+    """Merge `sources` (shards, or one file) into the single safetensors file `target`.
+
+    Floating tensors become fp16 when the target is an fp16 variant file; other targets keep the
+    source dtype. Tensors are read one at a time, so the peak is about the size of the output.
+    """
+    to_fp16 = ".fp16." in target.name
+    tensors = {}
+    for source in sources:
+        for key, tensor in READERS[source.suffix](source):
+            dtype = torch.float16 if to_fp16 and tensor.is_floating_point() else tensor.dtype
+            # A copy: it detaches from mmap'd or shared storage, which safetensors cannot save.
+            tensors[key] = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    with atomic_target(target) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})  # "pt": transformers refuses files without it
+
+
+def convert_single_file(checkpoint: Path, folder: Path, components: list[str]) -> None:
+    """Convert with the configs in `folder` (no VAE: the fp16-fix one replaces it); save fp16 variants."""
+    logger.info("%s: converting %s", folder.name, checkpoint)
+    try:
+        pipe = StableDiffusionXLPipeline.from_single_file(
+            str(checkpoint), config=str(folder), vae=None, torch_dtype=torch.float16, local_files_only=True
+        )
+    except (SingleFileComponentError, ValueError, KeyError) as e:
+        reason = str(e).splitlines()[0]  # the rest is diffusers' advice to Python callers
+        raise DownloadError(f"{checkpoint} is not a full SDXL checkpoint that diffusers can convert: {reason}") from e
+    for component in components:
+        getattr(pipe, component).save_pretrained(folder / component, variant="fp16", max_shard_size=NO_SHARDING)
