@@ -1,0 +1,35 @@
+"""Image encoding: PNG is lossless, every format carries the parameters, names are unique per index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_cog.outputs import OUTPUT_FORMATS, encode_all, parameters_text, read_parameters
+
+
+@pytest.fixture
+def images():
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+def test_png_round_trips_exactly(images, tmp_path):
+    paths = encode_all(images, ["p"] * 3, tmp_path, "tag", "png", 80)
+    for image, path in zip(images, paths):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
+
+
+def test_webp_at_quality_100_is_lossless(images, tmp_path):
+    (path,) = encode_all(images[:1], ["p"], tmp_path, "tag", "webp", 100)
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(images[0]))
+
+
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
+def test_each_image_carries_its_own_parameters(images, tmp_path, fmt):
+    texts = [parameters_text("a prompt ü", "", {"Seed": i, "Steps": 30}) for i in range(3)]
+    paths = encode_all(images, texts, tmp_path, "tag", fmt, 80)
+    assert [p.name for p in paths] == [f"tag-{i}.{fmt}" for i in range(3)]
+    assert [read_parameters(p) for p in paths] == texts
+    assert texts[2] == "a prompt ü\nSeed: 2, Steps: 30"
