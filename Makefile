@@ -1,0 +1,59 @@
+# Build and push the image (with buildah if installed, else docker), run the tests and linters.
+#
+#   make image                                   # $(IMAGE):$(TAG) from the Dockerfile (CUDA torch)
+#   make push REGISTRY=registry.example.com/ml   # builds, then pushes $(REGISTRY)/$(IMAGE):$(TAG)
+#   make test
+#   make lint
+#
+# Dockerfile build arguments go in BUILD_FLAGS, e.g. a CPU image:
+#   make image BUILD_FLAGS="--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+# Behind a TLS-intercepting proxy, CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt hands pip its CA.
+
+IMAGE ?= sdxl
+TAG ?= $(shell git describe --always --dirty 2>/dev/null || echo latest)
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+REGISTRY ?=
+BUILDER ?= $(shell if command -v buildah >/dev/null 2>&1; then echo buildah; elif command -v docker >/dev/null 2>&1; then echo docker; fi)
+BUILDAH ?= buildah
+DOCKER ?= docker
+BUILD_FLAGS ?=
+PUSH_FLAGS ?=
+CA_BUNDLE ?=
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python)
+
+# Labels here rather than in the Dockerfile: a new commit then changes the image's config, no layer.
+BUILD_ARGS = --label org.opencontainers.image.version=$(TAG) --label org.opencontainers.image.revision=$(REVISION) \
+	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
+comma := ,
+
+.PHONY: image push test lint
+
+ifneq ($(filter push,$(MAKECMDGOALS)),)
+ifeq ($(REGISTRY),)
+$(error usage: make push REGISTRY=host[:port][/namespace])
+endif
+endif
+
+# buildah writes Docker format, not OCI: an OCI image config has no HEALTHCHECK.
+image:
+	@test -n "$(BUILDER)" || { echo "make image needs buildah or docker on PATH" >&2; exit 1; }
+ifeq ($(BUILDER),buildah)
+	$(BUILDAH) bud --layers --format docker $(BUILD_ARGS) $(BUILD_FLAGS) -t $(IMAGE):$(TAG) .
+else
+	DOCKER_BUILDKIT=1 $(DOCKER) build $(BUILD_ARGS) $(BUILD_FLAGS) -t $(IMAGE):$(TAG) .
+endif
+
+push: image
+ifeq ($(BUILDER),buildah)
+	$(BUILDAH) push $(PUSH_FLAGS) $(IMAGE):$(TAG) docker://$(REGISTRY)/$(IMAGE):$(TAG)
+else
+	$(DOCKER) tag $(IMAGE):$(TAG) $(REGISTRY)/$(IMAGE):$(TAG)
+	$(DOCKER) push $(PUSH_FLAGS) $(REGISTRY)/$(IMAGE):$(TAG)
+endif
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .

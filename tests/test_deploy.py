@@ -1,0 +1,253 @@
+"""deploy/: the manifests validate offline against the Kubernetes and KServe schemas, say what the
+issue asks of them (one GPU, /dev/shm, probes, concurrency 1, autoscaling on in-flight requests),
+and their probe commands give the right answer in each state of a real Cog server."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import requests
+import yaml
+from cog_server import CogServer, free_port
+from kserve_schema import inference_service_schema
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = REPO_ROOT / "deploy"
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "probe_predictors.py"
+# The oldest Kubernetes still commonly run and the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.30", "1.37")
+IMAGE_ROOT = "/src/"  # where the image holds the repository (WORKDIR of the Dockerfile and of `cog build`)
+SHM_BYTES = 6 * 2**30
+PROBE_KINDS = ("startupProbe", "readinessProbe", "livenessProbe")
+SERVER_START_S = 60
+
+
+def load_probe_module():
+    spec = importlib.util.spec_from_file_location("deploy_probe", DEPLOY / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+probe = load_probe_module()
+
+
+def parse_gib(quantity: str) -> int:
+    assert quantity.endswith("Gi"), quantity
+    return int(quantity[:-2]) * 2**30
+
+
+def documents(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((DEPLOY / name).read_text()) if doc]
+
+
+def by_kind(name: str) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in documents(name)}
+
+
+def pod_specs() -> dict[str, dict]:
+    """The pod spec of each manifest: the Deployment's template, the InferenceService's predictor."""
+    return {
+        "kubernetes": by_kind("kubernetes.yaml")["Deployment"]["spec"]["template"]["spec"],
+        "kserve": by_kind("kserve.yaml")["InferenceService"]["spec"]["predictor"],
+    }
+
+
+# -- offline schema validation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_match_the_kubernetes_schema(version):
+    docs = documents("kubernetes.yaml")
+    assert sorted(doc["kind"] for doc in docs) == ["Deployment", "Service"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_kubernetes_schema_check_is_strict():
+    deployment = by_kind("kubernetes.yaml")["Deployment"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kserve_manifest_matches_the_inferenceservice_schema(version):
+    (isvc,) = documents("kserve.yaml")
+    jsonschema.validate(isvc, inference_service_schema(version))
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("spec", "predictor", "containerConcurency"), 1),  # misspelt field
+        (("spec", "predictor", "scaleMetric"), "gpu"),  # not in the enum
+        (("spec", "predictor", "containers", 0, "resources", "limit"), {}),  # core/v1 Container is strict too
+    ],
+)
+def test_kserve_schema_check_is_strict(path, value):
+    (isvc,) = documents("kserve.yaml")
+    target = isvc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(isvc, inference_service_schema(K8S_VERSIONS[-1]))
+
+
+# -- what the manifests must say --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("manifest", ["kubernetes", "kserve"])
+def test_one_gpu_per_pod_and_a_6g_shm(manifest):
+    spec = pod_specs()[manifest]
+    (container,) = spec["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    (shm,) = [v for v in spec["volumes"] if v["name"] in {m["name"] for m in container["volumeMounts"]}]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert parse_gib(shm["emptyDir"]["sizeLimit"]) == SHM_BYTES
+    assert {"name": shm["name"], "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+@pytest.mark.parametrize("manifest", ["kubernetes", "kserve"])
+def test_probes_run_the_probe_script_in_the_image(manifest):
+    (container,) = pod_specs()[manifest]["containers"]
+    for kind in PROBE_KINDS:
+        command = container[kind]["exec"]["command"]
+        assert command[:2] == ["python", IMAGE_ROOT + "deploy/probe.py"], (manifest, kind)
+        # The script must answer within the probe's timeout: it gives up on the server before that.
+        assert container[kind]["timeoutSeconds"] > probe.REQUEST_TIMEOUT_S
+    assert container["livenessProbe"]["exec"]["command"][2] == "live"
+    assert container["startupProbe"]["exec"]["command"][2] == "started"
+
+
+def test_kubernetes_readiness_passes_only_on_ready_and_the_service_reaches_the_pods():
+    kinds = by_kind("kubernetes.yaml")
+    pod = kinds["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["readinessProbe"]["exec"]["command"][2] == "ready"
+    assert probe.PASSING_STATUSES["ready"] == {"READY"}
+    service = kinds["Service"]["spec"]
+    assert service["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    assert {p["containerPort"] for p in container["ports"]} == {5000}
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", IMAGE_ROOT + "deploy/probe.py", "drain"]
+
+
+def test_kserve_admits_one_request_per_pod_and_scales_on_in_flight_requests():
+    (isvc,) = documents("kserve.yaml")
+    predictor = isvc["spec"]["predictor"]
+    # Knative mode: its pod autoscaler counts in-flight requests (KServe's Standard mode scales on CPU).
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    assert predictor["containerConcurrency"] == 1
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("concurrency", 1)
+    assert 1 <= predictor["minReplicas"] < predictor["maxReplicas"]
+    # KServe's admission webhook rejects deploymentStrategy outside Standard mode.
+    assert "deploymentStrategy" not in predictor
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    assert [p["containerPort"] for p in container["ports"]] == [5000]
+    # Behind a queue that admits one request at a time, BUSY is ready: see deploy/kserve.yaml.
+    assert container["readinessProbe"]["exec"]["command"][2] == "serving"
+
+
+# -- the probe commands against a real Cog server ----------------------------------------------------
+
+
+def manifest_probe_commands() -> dict[str, list[str]]:
+    """Every probe command in deploy/ and the Dockerfile, by mode, as they run in the image."""
+    commands = {}
+    for spec in pod_specs().values():
+        (container,) = spec["containers"]
+        for kind in PROBE_KINDS:
+            command = container[kind]["exec"]["command"]
+            commands[command[-1]] = command
+    commands["serving (Dockerfile HEALTHCHECK)"] = dockerfile_healthcheck()
+    return commands
+
+
+def dockerfile_healthcheck() -> list[str]:
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("HEALTHCHECK")]
+    # Exec form (a JSON array): the probe must not depend on a shell in the image.
+    return json.loads(line.split(" CMD ", 1)[1])
+
+
+def run_probe(command: list[str], port: int) -> tuple[int, str]:
+    """Run an image's probe command here: its python is ours, its /src/ is this checkout."""
+    assert command[0] == "python" and command[1].startswith(IMAGE_ROOT)
+    local = [sys.executable, str(REPO_ROOT / command[1].removeprefix(IMAGE_ROOT)), *command[2:]]
+    done = subprocess.run(local, env={**os.environ, "PORT": str(port)}, capture_output=True, text=True, timeout=30)
+    return done.returncode, done.stdout + done.stderr
+
+
+def assert_probes(port: int, passing: set[str]) -> dict[str, str]:
+    outputs = {}
+    for name, command in manifest_probe_commands().items():
+        code, outputs[name] = run_probe(command, port)
+        mode = command[-1]
+        assert code == (0 if mode in passing else 1), f"{name} exited {code}: {outputs[name]}"
+    return outputs
+
+
+@pytest.fixture
+def gates(tmp_path):
+    return {"PROBE_SETUP_GATE": str(tmp_path / "setup-done"), "PROBE_PREDICT_GATE": str(tmp_path / "predict-done")}
+
+
+def test_probes_through_starting_ready_busy_and_unhealthy(tmp_path, gates):
+    with CogServer(f"{FIXTURES}:Gated", cwd=tmp_path, env=gates, generate_schema=False, ready_timeout=None) as server:
+        server.wait_for_status("STARTING", SERVER_START_S)
+        assert_probes(server.port, passing={"live"})
+
+        Path(gates["PROBE_SETUP_GATE"]).touch()
+        server.wait_for_status("READY", SERVER_START_S)
+        assert_probes(server.port, passing={"ready", "serving", "started", "live"})
+
+        response = requests.post(f"{server.url}/predictions", json={"input": {}}, headers={"Prefer": "respond-async"})
+        assert response.status_code == 202
+        server.wait_for_status("BUSY", SERVER_START_S)
+        assert_probes(server.port, passing={"serving", "started", "live"})
+
+        # preStop: drain waits for the running prediction before the kubelet's SIGTERM.
+        drain = threading.Thread(target=run_probe, args=(drain_command(), server.port))
+        drain.start()
+        drain.join(timeout=probe.DRAIN_SETTLE_S + 2)
+        assert drain.is_alive(), "drain returned while a prediction was running"
+        Path(gates["PROBE_PREDICT_GATE"]).touch()
+        drain.join(timeout=10)
+        assert not drain.is_alive()
+        server.wait_for_status("READY", SERVER_START_S)
+
+        # A worker killed mid-prediction (OOM kill, segfault) is never respawned: only a restart helps.
+        requests.post(f"{server.url}/predictions", json={"input": {"crash": True}}, timeout=30)
+        server.wait_for_status("UNHEALTHY", SERVER_START_S)
+        assert_probes(server.port, passing={"started"})
+
+
+def test_probes_on_setup_failed_restart_and_say_why(tmp_path):
+    with CogServer(f"{FIXTURES}:FailingSetup", cwd=tmp_path, generate_schema=False, ready_timeout=None) as server:
+        server.wait_for_status("SETUP_FAILED", SERVER_START_S)
+        outputs = assert_probes(server.port, passing={"started"})
+    assert "SETUP_FAILED" in outputs["live"]
+    assert "weights missing" in outputs["live"]
+
+
+def test_probes_fail_when_nothing_answers():
+    port = free_port()
+    for command in manifest_probe_commands().values():
+        code, output = run_probe(command, port)
+        assert code == 1 and "no health answer" in output
+
+
+def drain_command() -> list[str]:
+    deployment = by_kind("kubernetes.yaml")["Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container["lifecycle"]["preStop"]["exec"]["command"]
