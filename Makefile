@@ -57,3 +57,16 @@ test:
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+
+SOAK_COUNT ?= 300
+FUZZ_EXAMPLES ?= 100
+
+.PHONY: soak fuzz
+
+# Sequential predictions through the real server on tiny synthetic weights: failures, worker RSS, files left behind.
+soak:
+	$(PYTHON) script/soak --count $(SOAK_COUNT)
+
+# schemathesis against the server's own /openapi.json: no 5xx, invalid input refused, worker alive, READY at the end.
+fuzz:
+	$(PYTHON) script/fuzz --max-examples $(FUZZ_EXAMPLES)

@@ -8,6 +8,7 @@ The runtime never deletes output files, so each prediction clears the previous o
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
@@ -77,6 +78,26 @@ def read_parameters(path: Path) -> str:
     return comment[len(USER_COMMENT_UNICODE) :].decode("utf-16-be")
 
 
+# coglet 0.23 leaves empty inputs/ and outputs/ directories per prediction under this fixed path
+# (ignoring TMPDIR): 3 directories a prediction, forever. Empty ones older than this are swept.
+COGLET_PREDICTIONS_DIR = Path("/tmp/coglet/predictions")
+RUNTIME_LEFTOVER_AGE_S = 60
+
+
+def sweep_empty_runtime_dirs(root: Path = COGLET_PREDICTIONS_DIR, min_age_s: float = RUNTIME_LEFTOVER_AGE_S) -> None:
+    """Remove the runtime's old, empty per-prediction directories; rmdir never removes anything holding data."""
+    cutoff = time.time() - min_age_s
+    for prediction in root.glob("*"):
+        try:
+            if prediction.stat().st_mtime >= cutoff:
+                continue  # possibly a prediction in flight
+            for part in prediction.iterdir():
+                part.rmdir()
+            prediction.rmdir()
+        except OSError:
+            pass  # not empty, or already gone
+
+
 class OutputDirectory:
     """One directory per prediction under `root`; starting a prediction removes the previous one's files."""
 
@@ -87,6 +108,7 @@ class OutputDirectory:
     def start_prediction(self) -> tuple[Path, str]:
         if self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
+        sweep_empty_runtime_dirs()
         tag = uuid.uuid4().hex[:12]
         self.current = self.root / tag
         self.current.mkdir(parents=True)

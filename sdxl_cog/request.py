@@ -121,6 +121,12 @@ def build_request(
         )
     if image is not None and prompt_strength <= 0.0:
         raise InputError("prompt_strength must be above 0 with an input image (0 would return the image unchanged).")
+    if image is not None and int(num_inference_steps * prompt_strength) < 1:
+        minimum = base_image_refiner_schedule(1, prompt_strength)
+        raise InputError(
+            f"num_inference_steps={num_inference_steps} at prompt_strength={prompt_strength} leaves no denoising step "
+            f"(img2img runs int(steps x strength)); use num_inference_steps >= {minimum} or a higher prompt_strength."
+        )
     mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height)
     return GenerationRequest(
         prompt=prompt,

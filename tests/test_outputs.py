@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_cog.outputs import OUTPUT_FORMATS, encode_all, parameters_text, read_parameters
+from sdxl_cog.outputs import OUTPUT_FORMATS, encode_all, parameters_text, read_parameters, sweep_empty_runtime_dirs
 
 
 @pytest.fixture
@@ -33,3 +33,19 @@ def test_each_image_carries_its_own_parameters(images, tmp_path, fmt):
     assert [p.name for p in paths] == [f"tag-{i}.{fmt}" for i in range(3)]
     assert [read_parameters(p) for p in paths] == texts
     assert texts[2] == "a prompt ü\nSeed: 2, Steps: 30"
+
+
+def test_only_old_empty_runtime_directories_are_swept(tmp_path):
+    import os
+
+    old_empty = tmp_path / "p1" / "inputs"
+    old_full = tmp_path / "p2" / "outputs"
+    new_empty = tmp_path / "p3" / "inputs"
+    for d in (old_empty, old_full, new_empty):
+        d.mkdir(parents=True)
+    (old_full / "keep.png").write_bytes(b"data")
+    for d in (old_empty, old_full, old_empty.parent, old_full.parent):
+        os.utime(d, (0, 0))
+    sweep_empty_runtime_dirs(tmp_path, min_age_s=60)
+    assert not old_empty.parent.exists()
+    assert (old_full / "keep.png").exists() and new_empty.exists()
