@@ -3,12 +3,13 @@
     python bench/encoding.py                  # a smooth synthetic image with sensor-like noise
     python bench/encoding.py --image some.png # or any image of your own (resized to --side)
 
-For each format of sdxl_cog.outputs at the defaults a request gets (PNG at outputs.PNG_COMPRESS_LEVEL, JPEG
+For each format of sdxl_cog.outputs at the defaults a request gets (PNG with outputs.PNG_PARAMS, JPEG
 and WebP at the default output_quality, WebP at 100 = lossless), through the same encoder functions
 encode_all uses (metadata attached, file written): time (median of N), file size, and whether the pixels
-survive (max abs difference and PSNR against the original). PNG at Pillow's default zlib level 6 is the
-reference the PNG figure is compared with. Then encode_all on 4 images against 4 encodes one after the
-other (the parallel speedup), and, for scale, the invisible watermark every default request also pays.
+survive (max abs difference and PSNR against the original). Pillow's PNG at its default zlib level 6 and at
+its fastest lossless settings are the references. Then encode_all on 4 images against 4 encodes one after
+the other (the parallel speedup), the lossless PNG settings considered, and, for scale, the invisible
+watermark every default request also pays.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -79,11 +81,21 @@ def _save_png_pillow_default(image: Image.Image, path: Path, quality: int, text:
 
 
 def png_settings() -> str:
-    """The zlib settings outputs.py encodes PNG with, as they read in its source."""
-    strategy = getattr(outputs, "PNG_ZLIB_STRATEGY", None)
-    names = {zlib.Z_RLE: "Z_RLE", zlib.Z_FILTERED: "Z_FILTERED", zlib.Z_HUFFMAN_ONLY: "Z_HUFFMAN_ONLY"}
-    level = f"compress_level={outputs.PNG_COMPRESS_LEVEL}"
-    return level if strategy is None else f"{level}, {names.get(strategy, strategy)}"
+    """The encoder settings outputs.py writes PNG with, named from OpenCV's constants."""
+    params = outputs.PNG_PARAMS
+    names = {getattr(cv2, n): n.removeprefix("IMWRITE_PNG_") for n in dir(cv2) if n.startswith("IMWRITE_PNG_")}
+    keys = {cv2.IMWRITE_PNG_COMPRESSION: "level", cv2.IMWRITE_PNG_STRATEGY: "", cv2.IMWRITE_PNG_FILTER: ""}
+    parts = []
+    for key, value in zip(params[::2], params[1::2]):
+        parts.append(f"level {value}" if keys.get(key) == "level" else names.get(value, str(value)).lower())
+    return "OpenCV, " + ", ".join(parts)
+
+
+def _save_png_pillow_fastest(image: Image.Image, path: Path, quality: int, text: str) -> None:
+    """The fastest lossless settings Pillow has (the default before OpenCV): level 1, zlib's RLE strategy."""
+    info = PngInfo()
+    info.add_text("parameters", text)
+    image.save(path, format="PNG", pnginfo=info, compress_level=1, compress_type=zlib.Z_RLE)
 
 
 def cases() -> list[tuple[str, str, object, int]]:
@@ -99,6 +111,7 @@ def cases() -> list[tuple[str, str, object, int]]:
             outputs.WEBP_LOSSLESS_QUALITY,
         ),
         (f"png reference (Pillow default level {PILLOW_DEFAULT_PNG_LEVEL})", "png", _save_png_pillow_default, 0),
+        ("png reference (Pillow level 1, Z_RLE: its fastest)", "png", _save_png_pillow_fastest, 0),
     ]
     missing = set(outputs.OUTPUT_FORMATS) - {ext for _, ext, _, _ in rows}
     if missing:
@@ -122,7 +135,7 @@ def bench_formats(image: Image.Image, scratch: Path, repeat: int) -> None:
         times = time_encoder(encoder, image, path, quality, repeat)
         with Image.open(path) as decoded:
             max_diff, quality_text = fidelity(image, decoded)
-        has_text = TEXT in outputs.read_parameters(path) if encoder is not _save_png_pillow_default else True
+        has_text = TEXT in outputs.read_parameters(path)
         rows.append([label, spread(times), f"{path.stat().st_size / 1e6:.2f}", quality_text, max_diff, has_text])
     print("### One 1024x1024 image, encode + metadata + write")
     print_table(["format", "seconds, median (min-max)", "MB", "quality", "max abs diff", "metadata read back"], rows)
@@ -155,21 +168,19 @@ def png_options(image: Image.Image, repeat: int) -> None:
         kwargs = {"compress_level": level} | ({"compress_type": strategy} if strategy is not None else {})
         times, size = cpu_times(lambda kw=kwargs: _png_bytes(image, kw), repeat)
         rows.append([f"Pillow {kwargs}", f"{median(times) * 1000:.0f}", f"{size / 1e6:.2f}"])
-    try:
-        import cv2
-    except ImportError:
-        cv2 = None
-    if cv2 is not None:
-        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
-        for label, params in (
-            ("OpenCV level 1", [cv2.IMWRITE_PNG_COMPRESSION, 1]),
-            (
-                "OpenCV level 1, RLE",
-                [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE],
-            ),
-        ):
-            times, size = cpu_times(lambda p=params: len(cv2.imencode(".png", bgr, p)[1]), repeat)
-            rows.append([label, f"{median(times) * 1000:.0f}", f"{size / 1e6:.2f}"])
+    bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+    level_1 = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    rle = [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    for label, params in (
+        ("OpenCV level 1 (adaptive filters)", level_1),
+        ("OpenCV level 1, RLE (adaptive filters)", level_1 + rle),
+        ("OpenCV level 1, RLE, no filter", level_1 + rle + [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]),
+        ("OpenCV level 1, RLE, Sub filter", level_1 + rle + [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]),
+        ("OpenCV level 1, RLE, Up filter", level_1 + rle + [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]),
+        ("OpenCV level 1, RLE, Paeth filter", level_1 + rle + [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]),
+    ):
+        times, size = cpu_times(lambda p=params: len(cv2.imencode(".png", bgr, p)[1]), repeat)
+        rows.append([label, f"{median(times) * 1000:.0f}", f"{size / 1e6:.2f}"])
     print("### Lossless PNG settings, one image, encode to memory (no metadata, no file)")
     print_table(["encoder", "CPU ms, median", "MB"], rows)
 

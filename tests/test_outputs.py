@@ -21,6 +21,20 @@ def test_png_round_trips_exactly(images, tmp_path):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
 
 
+@pytest.mark.parametrize(
+    ("prompt", "chunk"), [("a prompt ü, 50% lighter", b"tEXt"), ("宇宙飛行士 🦄 on a unicorn", b"iTXt")]
+)
+def test_png_parameters_chunk_is_valid_and_unicode_safe(images, tmp_path, prompt, chunk):
+    text = parameters_text(prompt, "blurry", {"Seed": 7})
+    (path,) = encode_all(images[:1], [text], tmp_path, "tag", "png", 80)
+    with Image.open(path) as img:
+        img.verify()  # every chunk's CRC
+    with Image.open(path) as img:
+        assert img.info["parameters"] == text  # how A1111 and other SD tools read it
+    data = path.read_bytes()
+    assert data.index(chunk + b"parameters\0") < data.index(b"IDAT")  # before the pixels, as Pillow writes it
+
+
 def test_webp_at_quality_100_is_lossless(images, tmp_path):
     (path,) = encode_all(images[:1], ["p"], tmp_path, "tag", "webp", 100)
     assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(images[0]))
