@@ -7,12 +7,11 @@
 Variants, each run in a fresh interpreter (comparable imports and page cache), interleaved, median of N:
   floor      read every weights file setup() loads, once: sendfile() to /dev/null (what no loader can beat)
   imports    import predict.py and what it imports, nothing else (informational)
-  setup      `Predictor().setup()` from predict.py, then first use
+  setup      `import predict` (which starts the weights prefetch), `Predictor().setup()`, then first use
+  setup_no_prefetch
+             the same with SDXL_PREFETCH_WEIGHTS=0: what the prefetch is worth
   baseline   the common recipe: base and refiner each loaded by its own `from_pretrained`, each with its own
              text_encoder_2 and VAE, moved to the device, then first use
-  prefetch, read_then_load, pipelined, prefetch_import
-             prototypes of proposed setup() changes (coldstart_proposals.py)
-  NAME@alt   variant NAME on --alt-weights (e.g. the fp16 VAE and safety checker of cast_free_weights.py)
 
 "First use" matters: on CPU, fp16 safetensors are memory-mapped and nothing is read until a tensor is used,
 so load time alone undercounts. Here first use reads one byte of every 4 KiB page of every parameter and
@@ -44,21 +43,18 @@ from common import (  # noqa: E402
 )
 
 PAGE_BYTES = 4096
-# What each variant times (see the module docstring); "proposal" variants prototype a change to sdxl_cog.
+# What each variant times (see the module docstring).
 TIMED = {
     "floor": "sendfile() every weights file to /dev/null",
-    "imports": "import predict",
+    "imports": "import predict (prefetch off)",
     "setup": "setup() + first use",
+    "setup_no_prefetch": "setup() + first use, SDXL_PREFETCH_WEIGHTS=0",
     "baseline": "2x from_pretrained + .to() + first use",
-    # Prototypes of proposed changes to setup(), in coldstart_proposals.py; see RESULTS.md.
-    "prefetch": "proposal: setup() + first use, background prefetch started by setup()",
-    "read_then_load": "proposal: setup() + first use, setup() reads all weights first",
-    "pipelined": "proposal: setup() + first use, each load waits for its files from a prefetch thread",
-    "prefetch_import": "proposal: setup() + first use, background prefetch started before imports",
 }
 VARIANTS = tuple(TIMED)
-PROPOSALS = Path(__file__).with_name("coldstart_proposals.py")
-DEFAULT_VARIANTS = ("floor", "imports", "setup", "baseline")
+DEFAULT_VARIANTS = VARIANTS
+# Variants that run with the weights prefetch switched off: `imports` times the imports alone.
+NO_PREFETCH = {"imports", "setup_no_prefetch"}
 # The weights files setup() reads (everything but configs, tokenizers and the manifest).
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -117,13 +113,12 @@ def child_imports(root: Path, device: str) -> dict:
     return {"seconds": time.perf_counter() - started}
 
 
-def setup_and_use(started: float, device: str, before_setup=None) -> dict:
-    """Import predict.py, run setup() and first use; `before_setup()` runs first, timed as part of setup()."""
+def child_setup(root: Path, device: str) -> dict:
+    """Import predict.py (which starts the weights prefetch unless switched off), run setup(), then first use."""
+    started = time.perf_counter()
     import predict
 
     imported = time.perf_counter()
-    if before_setup is not None:
-        before_setup()
     predictor = predict.Predictor()
     predictor.setup()
     _synchronize(device)
@@ -142,10 +137,6 @@ def setup_and_use(started: float, device: str, before_setup=None) -> dict:
     }
 
 
-def child_setup(root: Path, device: str) -> dict:
-    return setup_and_use(time.perf_counter(), device)
-
-
 def child_baseline(root: Path, device: str) -> dict:
     started = time.perf_counter()
     import torch
@@ -158,13 +149,13 @@ def child_baseline(root: Path, device: str) -> dict:
     # Hugging Face's base and refiner repos each ship their own VAE and text_encoder_2; in the weights/
     # layout those live once, so each pipeline loads its own copy from there, as two repos would.
     base = StableDiffusionXLPipeline.from_pretrained(
-        root / "base", vae=AutoencoderKL.from_pretrained(root / "vae", dtype=dtype), **fp16
+        root / "base", vae=AutoencoderKL.from_pretrained(root / "vae", dtype=dtype, variant="fp16"), **fp16
     ).to(device)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         root / "refiner",
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "base/text_encoder_2", **fp16),
         tokenizer_2=CLIPTokenizer.from_pretrained(root / "base/tokenizer_2"),
-        vae=AutoencoderKL.from_pretrained(root / "vae", dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(root / "vae", dtype=dtype, variant="fp16"),
         **fp16,
     ).to(device)
     _synchronize(device)
@@ -180,7 +171,13 @@ def child_baseline(root: Path, device: str) -> dict:
     }
 
 
-CHILDREN = {"floor": child_floor, "imports": child_imports, "setup": child_setup, "baseline": child_baseline}
+CHILDREN = {
+    "floor": child_floor,
+    "imports": child_imports,
+    "setup": child_setup,
+    "setup_no_prefetch": child_setup,
+    "baseline": child_baseline,
+}
 
 
 def run_as_child(child, root: Path, device: str) -> None:
@@ -198,12 +195,10 @@ def run_as_child(child, root: Path, device: str) -> None:
 
 
 def run_variant(variant: str, args) -> dict:
-    """One fresh child; `NAME@alt` is variant NAME on the --alt-weights directory."""
-    child, _, alt = variant.partition("@")
-    root = args.alt_weights if alt else args.weights
-    env = {"SDXL_WEIGHTS_DIR": str(root), "SDXL_DEVICE": args.device, "SDXL_DTYPE": "float16"}
-    script = __file__ if child in CHILDREN else PROPOSALS
-    return run_child([str(script), "--child", child, "--weights", str(root), "--device", args.device], env)
+    """One fresh child."""
+    env = {"SDXL_WEIGHTS_DIR": str(args.weights), "SDXL_DEVICE": args.device, "SDXL_DTYPE": "float16"}
+    env["SDXL_PREFETCH_WEIGHTS"] = "0" if variant in NO_PREFETCH else "1"
+    return run_child([__file__, "--child", variant, "--weights", str(args.weights), "--device", args.device], env)
 
 
 def measure(variants: list[str], args, cold: bool) -> dict[str, list[dict]]:
@@ -228,26 +223,29 @@ def report(results: dict[str, list[dict]], label: str) -> None:
         return median([r[key] for r in runs]) if runs and key in runs[0] else float("nan")
 
     floor, baseline, baseline_total = med("floor", "seconds"), med("baseline", "seconds"), med("baseline", "total")
+    # Whole-process floor: imports and disk one after the other (what overlapping them is measured against).
+    imports_then_floor = med("imports", "seconds") + floor
     vram = "peak_vram_gib" in next(iter(results.values()))[0]
     rows = []
     for variant, runs in results.items():
-        name, _, alt = variant.partition("@")
-        seconds, loads = med(variant, "seconds"), name not in ("floor", "imports")
+        seconds, loads = med(variant, "seconds"), variant not in ("floor", "imports")
         row = [
             variant,
-            TIMED[name] + (" (--alt-weights)" if alt else ""),
+            TIMED[variant],
             spread([r["seconds"] for r in runs]),
-            ratio(seconds, floor) if name != "imports" else "",
+            ratio(seconds, floor) if variant != "imports" else "",
             ratio(seconds, baseline) if loads else "",
             f"{med(variant, 'total'):.2f} s" if loads else "",
             ratio(med(variant, "total"), baseline_total) if loads else "",
+            ratio(med(variant, "total"), imports_then_floor) if loads else "",
             f"{med(variant, 'wall_s'):.2f} s",
             f"{med(variant, 'peak_rss_gib'):.2f}",
             f"{med(variant, 'peak_anon_gib'):.2f}",
         ]
         rows.append(row + ([f"{med(variant, 'peak_vram_gib'):.2f}"] if vram else []))
     headers = ["variant", "timed", "seconds, median (min-max)", "vs floor", "vs baseline"]
-    headers += ["incl. imports", "incl. imports vs baseline", "process wall", "peak RSS GiB", "peak anon GiB"]
+    headers += ["incl. imports", "incl. imports vs baseline", "incl. imports vs imports + floor"]
+    headers += ["process wall", "peak RSS GiB", "peak anon GiB"]
     print(f"### {label}")
     print_table(headers + (["peak VRAM GiB"] if vram else []), rows)
     for variant, runs in results.items():
@@ -273,12 +271,6 @@ def main() -> None:
         default=",".join(DEFAULT_VARIANTS),
         help=f"comma-separated, from {', '.join(VARIANTS)} (default: %(default)s)",
     )
-    parser.add_argument(
-        "--alt-weights",
-        type=Path,
-        help="a second weights directory (e.g. from bench/cast_free_weights.py): variant NAME@alt runs NAME on it; "
-        "given alone, adds setup@alt",
-    )
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-cache runs")
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
@@ -287,11 +279,7 @@ def main() -> None:
         return run_as_child(CHILDREN[args.child], args.weights, args.device)
 
     variants = [v for v in args.variants.split(",") if v]
-    if args.alt_weights and not any(v.endswith("@alt") for v in variants):
-        variants.append("setup@alt")
-    if any(v.endswith("@alt") for v in variants) and not args.alt_weights:
-        parser.error("NAME@alt variants need --alt-weights DIR")
-    unknown = {v.removesuffix("@alt") for v in variants} - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     total = sum(p.stat().st_size for p in weight_files(args.weights))

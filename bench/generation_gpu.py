@@ -104,7 +104,7 @@ def load_baseline(root: Path, device: str, dtype: torch.dtype):
     diffusers_logging.disable_progress_bar()
 
     fp16 = dict(dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False)
-    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype, variant="fp16")
     base = StableDiffusionXLPipeline.from_pretrained(root / weights.BASE_DIR, vae=vae, **fp16).to(device)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         root / weights.REFINER_DIR, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=vae, **fp16

@@ -76,7 +76,7 @@ def bare_pipeline(root: Path, dtype: torch.dtype):
     """The plain diffusers recipe, loaded independently of sdxl_cog from the same files."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype, variant="fp16")
     pipe = StableDiffusionXLPipeline.from_pretrained(
         root / weights.BASE_DIR, vae=vae, dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False
     )

@@ -87,13 +87,16 @@ PARTS = {
         ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json"),
         ("unet/diffusion_pytorch_model.fp16.safetensors",),
     ),
-    VAE_DIR: Part(VAE_DIR, "madebyollin/sdxl-vae-fp16-fix", ("config.json",), ("diffusion_pytorch_model.safetensors",)),
-    # The repo's main branch ships only pytorch_model.bin; it is converted to model.safetensors.
+    # These two repos ship fp32 only; their weights are cast to the fp16 variant setup() loads. The safety
+    # checker's main branch has only pytorch_model.bin, so that is what gets converted.
+    VAE_DIR: Part(
+        VAE_DIR, "madebyollin/sdxl-vae-fp16-fix", ("config.json",), ("diffusion_pytorch_model.fp16.safetensors",)
+    ),
     SAFETY_CHECKER_DIR: Part(
         SAFETY_CHECKER_DIR,
         "CompVis/stable-diffusion-safety-checker",
         ("config.json", "preprocessor_config.json"),
-        ("model.safetensors",),
+        ("model.fp16.safetensors",),
     ),
 }
 

@@ -92,7 +92,7 @@ def load_models(settings: Settings) -> LoadedModels:
     seconds["verify"] = time.perf_counter() - started
 
     # 2. The fp16-fix VAE, shared by base and refiner.
-    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype, variant="fp16")
 
     # 3. Base, then the refiner borrowing the base's second text encoder, its tokenizer and the VAE.
     load = dict(dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False)

@@ -15,7 +15,9 @@ from transformers import CLIPImageProcessor
 
 class SafetyChecker:
     def __init__(self, directory: Path, device: str, dtype: torch.dtype):
-        self.model = StableDiffusionSafetyChecker.from_pretrained(directory, dtype=dtype).to(device).eval()
+        self.model = (
+            StableDiffusionSafetyChecker.from_pretrained(directory, dtype=dtype, variant="fp16").to(device).eval()
+        )
         self.processor = CLIPImageProcessor.from_pretrained(directory)
         self.device, self.dtype = device, dtype
 

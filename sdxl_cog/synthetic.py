@@ -169,15 +169,15 @@ def _safety_checker(config: dict) -> nn.Module:
     return StableDiffusionSafetyChecker(CLIPConfig(**config))
 
 
-# What is written, in the dtypes of the real repos: the SDXL repos' fp16 variants, the fp16-fix VAE and
-# the safety checker in fp32 (their only files). One model is in memory at a time.
+# What is written: fp16 variant files, as script/download-weights writes them (sdxl_cog/weights.py).
+# One model is in memory at a time.
 PARTS = (
     Part(f"{BASE_DIR}/text_encoder", "text_encoder", _text_encoder, torch.float16, "fp16"),
     Part(f"{BASE_DIR}/text_encoder_2", "text_encoder_2", _text_encoder_2, torch.float16, "fp16"),
     Part(f"{BASE_DIR}/unet", "unet_base", UNet2DConditionModel.from_config, torch.float16, "fp16"),
     Part(f"{REFINER_DIR}/unet", "unet_refiner", UNet2DConditionModel.from_config, torch.float16, "fp16"),
-    Part(VAE_DIR, "vae", AutoencoderKL.from_config, torch.float32, None),
-    Part(SAFETY_CHECKER_DIR, "safety_checker", _safety_checker, torch.float32, None),
+    Part(VAE_DIR, "vae", AutoencoderKL.from_config, torch.float16, "fp16"),
+    Part(SAFETY_CHECKER_DIR, "safety_checker", _safety_checker, torch.float16, "fp16"),
 )
 
 # model_index.json of stabilityai/stable-diffusion-xl-{base,refiner}-1.0. The refiner has no first text
@@ -237,7 +237,7 @@ def make_weights(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
 def set_safety_checker_flags_everything(root: Path | str) -> None:
     """Make the safety checker under `root` flag every image (tests of the black-image path)."""
     root = Path(root)
-    path = root / SAFETY_CHECKER_DIR / "model.safetensors"
+    path = root / SAFETY_CHECKER_DIR / "model.fp16.safetensors"
     tensors = safetensors.torch.load_file(path)
     for name in THRESHOLD_TENSORS:
         tensors[name] = torch.full_like(tensors[name], FLAG_EVERYTHING_THRESHOLD)

@@ -101,6 +101,12 @@ REPO_FILES = {
     SAFETY: ["README.md", "config.json", "preprocessor_config.json"],  # + pytorch_model.bin: no safetensors on main
 }
 SAFETY_TENSORS = {"concept_embeds": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor([7])}
+VAE_TENSORS = {"decoder.conv_in.weight": torch.linspace(-1, 1, 12, dtype=torch.float32).reshape(3, 4)}
+# The fp32-only repos' weights, cast into the layout's fp16 variant files.
+CAST_FILES = {
+    "vae/diffusion_pytorch_model.fp16.safetensors": VAE_TENSORS,
+    "safety_checker/model.fp16.safetensors": SAFETY_TENSORS,
+}
 
 # The layout, written out: the tokenizers in full, each component's config and fp16 weights, nothing else.
 EXPECTED_FILES = {
@@ -118,10 +124,10 @@ EXPECTED_FILES = {
     "refiner/unet/config.json",
     "refiner/unet/diffusion_pytorch_model.fp16.safetensors",
     "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",  # cast from the fp32 file
     "safety_checker/config.json",
     "safety_checker/preprocessor_config.json",
-    "safety_checker/model.safetensors",  # converted from pytorch_model.bin; every other file is a copy
+    "safety_checker/model.fp16.safetensors",  # converted from pytorch_model.bin; every other file is a copy
 }
 PART_REPOS = {"base": BASE, "refiner": REFINER, "vae": VAE, "safety_checker": SAFETY}
 
@@ -138,6 +144,7 @@ def make_mirror(root: Path) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(f"{repo}/{name}\n".encode() * 3)
     torch.save(SAFETY_TENSORS, root / SAFETY / "pytorch_model.bin")
+    safetensors.torch.save_file(VAE_TENSORS, root / VAE / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     return root
 
 
@@ -179,7 +186,7 @@ def test_download_takes_exactly_the_layout_files(mirror, tmp_path):
 
     assert layout_files(dest) == EXPECTED_FILES
     assert set(REQUIRED_FILES) <= EXPECTED_FILES
-    for name in EXPECTED_FILES - {"safety_checker/model.safetensors"}:
+    for name in EXPECTED_FILES - set(CAST_FILES):
         repo, source = source_of(name)
         assert (dest / name).read_bytes() == (mirror / repo / source).read_bytes(), name
     assert set(manifest["files"]) == EXPECTED_FILES
@@ -190,12 +197,14 @@ def test_download_takes_exactly_the_layout_files(mirror, tmp_path):
     assert not (dest / dl.STAGING).exists()
 
 
-def test_safety_checker_pickle_becomes_safetensors_with_the_same_tensors(mirror, tmp_path):
+@pytest.mark.parametrize("layout_file", CAST_FILES)
+def test_fp32_only_weights_become_fp16_variants_with_the_same_values(mirror, tmp_path, layout_file):
     dl.download(tmp_path / "weights")
-    tensors = safetensors.torch.load_file(tmp_path / "weights" / "safety_checker" / "model.safetensors")
-    assert tensors.keys() == SAFETY_TENSORS.keys()
-    for name, tensor in SAFETY_TENSORS.items():
-        assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor)  # no fp16 variant: dtype kept
+    tensors, originals = safetensors.torch.load_file(tmp_path / "weights" / layout_file), CAST_FILES[layout_file]
+    assert tensors.keys() == originals.keys()
+    for name, original in originals.items():
+        expected = original.half() if original.is_floating_point() else original  # integers keep their dtype
+        assert tensors[name].dtype == expected.dtype and torch.equal(tensors[name], expected)
 
 
 def test_second_run_copies_nothing(mirror, tmp_path, fetch_log, caplog):
@@ -215,7 +224,7 @@ def test_deleted_or_truncated_files_are_fetched_again(mirror, tmp_path, fetch_lo
     (dest / "base/unet/diffusion_pytorch_model.fp16.safetensors").unlink()
     with open(dest / "refiner/unet/config.json", "r+b") as f:
         f.truncate(5)
-    (dest / "safety_checker/model.safetensors").unlink()
+    (dest / "safety_checker/model.fp16.safetensors").unlink()
     before, fetch_log[:] = mtimes(dest), []
 
     dl.download(dest)
@@ -229,7 +238,7 @@ def test_deleted_or_truncated_files_are_fetched_again(mirror, tmp_path, fetch_lo
     assert changed == {
         "base/unet/diffusion_pytorch_model.fp16.safetensors",
         "refiner/unet/config.json",
-        "safety_checker/model.safetensors",
+        "safety_checker/model.fp16.safetensors",
     }
     assert (dest / "refiner/unet/config.json").read_bytes() == (mirror / REFINER / "unet/config.json").read_bytes()
     verify(dest, full_hash=True)
@@ -317,7 +326,7 @@ def test_base_repo_without_fp16_variants_is_converted(mirror, tmp_path, tiny_wei
     ).read_bytes()
     assert manifest["sources"]["base"].startswith(f"{repo} -> local-")
     # The real loaders read the converted files as the fp16 variant, with the original values.
-    vae = AutoencoderKL.from_pretrained(tiny_weights / "vae")
+    vae = AutoencoderKL.from_pretrained(tiny_weights / "vae", variant="fp16")
     pipe = StableDiffusionXLPipeline.from_pretrained(dest / "base", vae=vae, variant="fp16", use_safetensors=True)
     for component in ("unet", "text_encoder", "text_encoder_2"):
         weights_file = next((tiny_weights / "base" / component).glob("*.fp16.safetensors"))

@@ -35,7 +35,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(weights):
-    vae = AutoencoderKL.from_pretrained(weights / "vae", dtype=DTYPE)
+    vae = AutoencoderKL.from_pretrained(weights / "vae", dtype=DTYPE, variant="fp16")
     pipe = StableDiffusionXLPipeline.from_pretrained(
         weights / "base", vae=vae, variant="fp16", add_watermarker=False, dtype=DTYPE
     )
@@ -118,7 +118,7 @@ def test_refiner_refines_the_base_image(weights, base):
 def check_images(root, images):
     """Run the safety checker under `root` as the pipelines do; returns its flags."""
     processor = CLIPImageProcessor.from_pretrained(root / SAFETY_CHECKER_DIR)
-    checker = StableDiffusionSafetyChecker.from_pretrained(root / SAFETY_CHECKER_DIR)
+    checker = StableDiffusionSafetyChecker.from_pretrained(root / SAFETY_CHECKER_DIR, variant="fp16")
     clip_input = processor(images=images, return_tensors="pt").pixel_values
     arrays = np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
     _, flags = checker(clip_input=clip_input, images=arrays)
