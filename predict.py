@@ -5,12 +5,6 @@ sdxl_cog package. Input names and defaults follow stability-ai/sdxl on Replicate
 switch without changing their requests.
 """
 
-# First, before the heavy imports below: the disk streams the weights into the page cache while the
-# interpreter imports torch and diffusers, so setup() finds them there (sdxl_cog/prefetch.py).
-from sdxl_cog import prefetch
-
-prefetch.start()
-
 from cog import BasePredictor, Input, Path
 
 from sdxl_cog import config as c

@@ -7,7 +7,7 @@
 Variants, each run in a fresh interpreter (comparable imports and page cache), interleaved, median of N:
   floor      read every weights file setup() loads, once: sendfile() to /dev/null (what no loader can beat)
   imports    import predict.py and what it imports, nothing else (informational)
-  setup      `import predict` (which starts the weights prefetch), `Predictor().setup()`, then first use
+  setup      `Predictor().setup()` from predict.py (which starts the weights prefetch), then first use
   setup_no_prefetch
              the same with SDXL_PREFETCH_WEIGHTS=0: what the prefetch is worth
   baseline   the common recipe: base and refiner each loaded by its own `from_pretrained`, each with its own
@@ -46,15 +46,14 @@ PAGE_BYTES = 4096
 # What each variant times (see the module docstring).
 TIMED = {
     "floor": "sendfile() every weights file to /dev/null",
-    "imports": "import predict (prefetch off)",
+    "imports": "import predict",
     "setup": "setup() + first use",
     "setup_no_prefetch": "setup() + first use, SDXL_PREFETCH_WEIGHTS=0",
     "baseline": "2x from_pretrained + .to() + first use",
 }
 VARIANTS = tuple(TIMED)
 DEFAULT_VARIANTS = VARIANTS
-# Variants that run with the weights prefetch switched off: `imports` times the imports alone.
-NO_PREFETCH = {"imports", "setup_no_prefetch"}
+NO_PREFETCH = {"setup_no_prefetch"}
 # The weights files setup() reads (everything but configs, tokenizers and the manifest).
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -114,7 +113,7 @@ def child_imports(root: Path, device: str) -> dict:
 
 
 def child_setup(root: Path, device: str) -> dict:
-    """Import predict.py (which starts the weights prefetch unless switched off), run setup(), then first use."""
+    """Import predict.py, run setup() (which starts the weights prefetch unless switched off), then first use."""
     started = time.perf_counter()
     import predict
 

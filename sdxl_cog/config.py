@@ -69,6 +69,7 @@ class Settings:
     device: str
     dtype: torch.dtype
     verify_weights_hash: bool
+    prefetch_weights: bool
     output_dir: Path
     lora_cache_dir: Path
     lora_cache_bytes: int
@@ -91,6 +92,7 @@ class Settings:
             device=device,
             dtype=DTYPES[dtype_name],
             verify_weights_hash=_env_bool("SDXL_VERIFY_WEIGHTS_HASH", False),
+            prefetch_weights=_env_bool("SDXL_PREFETCH_WEIGHTS", True),
             output_dir=_env_path("SDXL_OUTPUT_DIR", Path("/tmp/sdxl-outputs")),
             lora_cache_dir=_env_path("SDXL_LORA_CACHE_DIR", Path("/tmp/sdxl-lora-cache")),
             # A typical SDXL LoRA is 20-400 MB; keep a handful on disk.

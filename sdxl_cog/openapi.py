@@ -15,18 +15,14 @@ import argparse
 import importlib.util
 import inspect
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from cog import _adt as adt
 from cog import _inspector
 from cog.input import FieldInfo
-
-from . import prefetch
 
 DEFAULT_PREDICTOR = "predict.py:Predictor"
 DEFAULT_OUT = Path(".cog/openapi_schema.json")
@@ -59,9 +55,7 @@ def load_predictor(ref: str) -> tuple[adt.PredictorInfo, Any]:
         raise ImportError(f"cannot load a predictor module from {path!r} (predictor ref {ref!r})")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    # Only the signature is wanted: no reason to read gigabytes of weights (a `docker build` step runs this).
-    with mock.patch.dict(os.environ, {prefetch.ENABLED_ENV: "0"}):
-        spec.loader.exec_module(module)
+    spec.loader.exec_module(module)
     class_name = class_name or ("Runner" if hasattr(module, "Runner") else "Predictor")
     with warnings.catch_warnings():
         # BasePredictor/predict() still work; their deprecation warnings are noise here.

@@ -24,7 +24,7 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from . import weights
+from . import prefetch, weights
 from .config import Settings
 from .safety import SafetyChecker
 from .schedulers import make_scheduler
@@ -90,6 +90,8 @@ def load_models(settings: Settings) -> LoadedModels:
     # 1. Fail fast, naming the file, if the weights are incomplete or corrupt.
     manifest = weights.verify(root, full_hash=settings.verify_weights_hash)
     seconds["verify"] = time.perf_counter() - started
+    if settings.prefetch_weights:
+        prefetch.start(root)
 
     # 2. The fp16-fix VAE, shared by base and refiner.
     vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype, variant="fp16")

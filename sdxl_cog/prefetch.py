@@ -1,13 +1,14 @@
-"""Reading the weights into the page cache while the interpreter is still importing torch and diffusers.
+"""Streaming the weights into the page cache while setup() builds the models.
 
-A cold start waits on two independent things: the imports (CPU: 5-7 s on 2 cores) and ~12 GB of weights
-(disk). Left alone they add up, and loading is the slower reader: safetensors memory-maps the files, so
-their bytes arrive through page faults in small scattered reads, only once the imports are done.
-predict.py calls `start()` before its heavy imports: a thread streams every weight file once, in the
-order setup() loads them, through sendfile() to /dev/null (kernel-side, no copy, the GIL released).
-setup() then finds the bytes in the page cache. Measured in bench/RESULTS.md (cold start).
+setup() loads memory-mapped safetensors, so their bytes arrive through page faults, in whatever order
+and size the loader touches them, interleaved with CPU work (building modules, moving them to the GPU).
+A thread that reads every file once, in the order setup() loads them, keeps the disk busy at full
+sequential speed meanwhile (sendfile() to /dev/null: the kernel fills the page cache without copying to
+user space, and the GIL is released).
 
-Standard library only, so that it can run before torch is imported.
+It starts in setup(), not before the imports: measured on this project's CPU machines, reading 12 GB
+while Python imported torch and diffusers starved the imports' own small reads and made the whole cold
+start slower (bench/RESULTS.md, cold start).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from . import weights
 
 logger = logging.getLogger(__name__)
 
-ENABLED_ENV = "SDXL_PREFETCH_WEIGHTS"
 # The order load_models() (sdxl_cog/pipelines.py) reads the parts in; within a part, diffusers loads
 # components alphabetically (text_encoder, text_encoder_2, unet), as the sorted paths are.
 LOAD_ORDER = (weights.VAE_DIR, weights.BASE_DIR, weights.REFINER_DIR, weights.SAFETY_CHECKER_DIR)
@@ -79,15 +79,9 @@ def _prefetch(files: list[Path]) -> None:
             return
 
 
-def start(root: Path | None = None) -> threading.Thread | None:
-    """Start reading the weights under `root` (default: as setup() finds them) on a daemon thread.
-
-    Returns None, reading nothing, when SDXL_PREFETCH_WEIGHTS=0, when there are no weights, or when they
-    would not fit in the page cache.
-    """
-    if os.environ.get(ENABLED_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
-        return None
-    root = Path(root) if root is not None else weights.root_from_env()
+def start(root: Path) -> threading.Thread | None:
+    """Start reading the weights under `root` on a daemon thread; None, reading nothing, when there are no
+    weights or they would not fit in the page cache."""
     files = weight_files(root) if root.is_dir() else []
     total, room = sum(p.stat().st_size for p in files), cache_room_bytes()
     if not files or (room is not None and total > CACHE_FRACTION * room):
