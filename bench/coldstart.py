@@ -7,9 +7,9 @@
 Variants, each run in a fresh interpreter (comparable imports and page cache), interleaved, median of N:
   floor      read every weights file setup() loads, once: sendfile() to /dev/null (what no loader can beat)
   imports    import predict.py and what it imports, nothing else (informational)
-  setup      `Predictor().setup()` from predict.py (which starts the weights prefetch), then first use
-  setup_no_prefetch
-             the same with SDXL_PREFETCH_WEIGHTS=0: what the prefetch is worth
+  setup      `Predictor().setup()` from predict.py, then first use
+  setup_prefetch
+             the same with SDXL_PREFETCH_WEIGHTS=1: what the opt-in weights prefetch is worth here
   baseline   the common recipe: base and refiner each loaded by its own `from_pretrained`, each with its own
              text_encoder_2 and VAE, moved to the device, then first use
 
@@ -48,12 +48,12 @@ TIMED = {
     "floor": "sendfile() every weights file to /dev/null",
     "imports": "import predict",
     "setup": "setup() + first use",
-    "setup_no_prefetch": "setup() + first use, SDXL_PREFETCH_WEIGHTS=0",
+    "setup_prefetch": "setup() + first use, SDXL_PREFETCH_WEIGHTS=1",
     "baseline": "2x from_pretrained + .to() + first use",
 }
 VARIANTS = tuple(TIMED)
 DEFAULT_VARIANTS = VARIANTS
-NO_PREFETCH = {"setup_no_prefetch"}
+
 # The weights files setup() reads (everything but configs, tokenizers and the manifest).
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -113,7 +113,7 @@ def child_imports(root: Path, device: str) -> dict:
 
 
 def child_setup(root: Path, device: str) -> dict:
-    """Import predict.py, run setup() (which starts the weights prefetch unless switched off), then first use."""
+    """Import predict.py, run setup(), then first use."""
     started = time.perf_counter()
     import predict
 
@@ -174,7 +174,7 @@ CHILDREN = {
     "floor": child_floor,
     "imports": child_imports,
     "setup": child_setup,
-    "setup_no_prefetch": child_setup,
+    "setup_prefetch": child_setup,
     "baseline": child_baseline,
 }
 
@@ -196,7 +196,7 @@ def run_as_child(child, root: Path, device: str) -> None:
 def run_variant(variant: str, args) -> dict:
     """One fresh child."""
     env = {"SDXL_WEIGHTS_DIR": str(args.weights), "SDXL_DEVICE": args.device, "SDXL_DTYPE": "float16"}
-    env["SDXL_PREFETCH_WEIGHTS"] = "0" if variant in NO_PREFETCH else "1"
+    env["SDXL_PREFETCH_WEIGHTS"] = "1" if variant == "setup_prefetch" else "0"
     return run_child([__file__, "--child", variant, "--weights", str(args.weights), "--device", args.device], env)
 
 

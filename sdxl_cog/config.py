@@ -92,7 +92,8 @@ class Settings:
             device=device,
             dtype=DTYPES[dtype_name],
             verify_weights_hash=_env_bool("SDXL_VERIFY_WEIGHTS_HASH", False),
-            prefetch_weights=_env_bool("SDXL_PREFETCH_WEIGHTS", True),
+            # Off by default: it pays only where the disk is much faster than the loader (sdxl_cog/prefetch.py).
+            prefetch_weights=_env_bool("SDXL_PREFETCH_WEIGHTS", False),
             output_dir=_env_path("SDXL_OUTPUT_DIR", Path("/tmp/sdxl-outputs")),
             lora_cache_dir=_env_path("SDXL_LORA_CACHE_DIR", Path("/tmp/sdxl-lora-cache")),
             # A typical SDXL LoRA is 20-400 MB; keep a handful on disk.
