@@ -46,6 +46,11 @@ def _env_bool(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _env_auto_bool(name: str) -> bool | None:
+    value = (os.environ.get(name) or "auto").strip().lower()
+    return None if value == "auto" else _env_bool(name, False)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if not value else int(value)
@@ -77,6 +82,7 @@ class Settings:
     lora_timeout_s: float
     lora_allow_private_hosts: bool
     lora_local_dirs: tuple[Path, ...]
+    low_vram: bool | None  # None: decided at setup from the GPU's memory (memory.needs_low_vram)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -106,4 +112,5 @@ class Settings:
                 for p in os.environ.get("SDXL_LORA_LOCAL_DIRS", str(weights_dir / "loras")).split(os.pathsep)
                 if p
             ),
+            low_vram=_env_auto_bool("SDXL_LOW_VRAM"),
         )

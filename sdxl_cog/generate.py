@@ -14,6 +14,7 @@ from PIL import Image
 
 from . import images
 from .pipelines import LoadedModels, Model, synchronize
+from .placement import Placement
 from .prompts import PromptEmbeddings, encode_prompts
 from .request import GenerationRequest, base_image_refiner_schedule
 from .safety import blacken_flagged
@@ -103,9 +104,12 @@ def _refiner_kwargs(req: GenerationRequest, latents: torch.Tensor) -> dict:
     return {**kwargs, "num_inference_steps": total, "strength": req.refine_strength}
 
 
-def _denoise(run: Run, model: Model, req: GenerationRequest, generators, embeds, stage_kwargs) -> torch.Tensor:
+def _denoise(
+    run: Run, placement: Placement, model: Model, req: GenerationRequest, generators, embeds, stage_kwargs
+) -> torch.Tensor:
     pipe = model.pipeline(req.mode, req.scheduler)
     with run.phase(f"{model.name}_denoise"):
+        placement.use(model.name)
         return pipe(
             **embeds.as_pipeline_kwargs(),
             **stage_kwargs,
@@ -138,18 +142,25 @@ def generate(
     generators = _generators(req.seeds)
     refining = req.refine != "no_refiner"
 
+    # Each phase first puts its modules on the device (a no-op unless in low-VRAM mode), so that its
+    # time includes the copies it waited for.
+
     # 1. Encode prompts (the refiner sees only its own text encoder).
     with run.phase("text_encoding"):
+        models.placement.use("text_encoding")
         base_embeds = _encode(models.base, req)
         refiner_embeds = _encode(models.refiner, req) if refining else None
 
     # 2. Base denoising, to latents; 3. refining them.
-    latents = _denoise(run, models.base, req, generators, base_embeds, _base_kwargs(req))
+    latents = _denoise(run, models.placement, models.base, req, generators, base_embeds, _base_kwargs(req))
     if refining:
-        latents = _denoise(run, models.refiner, req, generators, refiner_embeds, _refiner_kwargs(req, latents))
+        latents = _denoise(
+            run, models.placement, models.refiner, req, generators, refiner_embeds, _refiner_kwargs(req, latents)
+        )
 
     # 4. Decode, and restore the kept region of an inpainted image exactly.
     with run.phase("vae_decode"):
+        models.placement.use("vae_decode")
         decoded = _decode(models.base.components["vae"], latents)
     if req.mask is not None:
         decoded = [images.paste_back(img, req.image, req.mask) for img in decoded]
@@ -158,6 +169,7 @@ def generate(
     flags = [False] * len(decoded)
     if safety_check:
         with run.phase("safety_check"):
+            models.placement.use("safety_check")
             flags = models.safety_checker.flags(decoded)
         decoded = blacken_flagged(decoded, flags)
     if watermark:

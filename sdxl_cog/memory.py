@@ -25,17 +25,34 @@ UNET_ACTIVATION_BYTES_PER_MEGAPIXEL = int(1.0 * GIB)
 VAE_DECODE_BYTES_PER_MEGAPIXEL = int(3.0 * GIB)
 # The CUDA context, allocator fragmentation and cuDNN workspaces.
 RESERVE_BYTES = int(1.5 * GIB)
+# What a GPU must serve with every module resident for low-VRAM mode to stay off: four 1024px images
+# (the issue's "base + refiner fit a 24 GB GPU at 1024x1024 with num_outputs 4").
+REFERENCE_REQUEST = dict(width=1024, height=1024, num_outputs=4)
+
+
+def activation_bytes(width: int, height: int, num_outputs: int) -> int:
+    """UNet activations for the batch plus the peak of one VAE decode, over the weights."""
+    megapixels = width * height / MEGAPIXEL
+    return int(
+        UNET_ACTIVATION_BYTES_PER_MEGAPIXEL * megapixels * num_outputs + VAE_DECODE_BYTES_PER_MEGAPIXEL * megapixels
+    )
+
+
+def needs_low_vram(capacity_bytes: int | None, weights_bytes: int) -> bool:
+    """True when all the weights plus the reference request would not fit the GPU: below about 19.8 GiB
+    for SDXL in fp16 (11.25 GiB of weights + 1.5 reserve + 7 of activations): 24 GB cards stay resident."""
+    if capacity_bytes is None:
+        return False
+    return weights_bytes + RESERVE_BYTES + activation_bytes(**REFERENCE_REQUEST) > capacity_bytes
 
 
 @dataclass(frozen=True)
 class MemoryBudget:
     capacity_bytes: int | None  # None: no known limit (CPU), nothing is refused up front
-    resident_bytes: int  # weights already on the device
+    resident_bytes: int  # the most weights on the device at once (all of them, or one stage's in low-VRAM mode)
 
     def estimate(self, req: GenerationRequest) -> int:
-        megapixels = req.width * req.height / MEGAPIXEL
-        activations = UNET_ACTIVATION_BYTES_PER_MEGAPIXEL * megapixels * req.num_outputs
-        return int(self.resident_bytes + RESERVE_BYTES + activations + VAE_DECODE_BYTES_PER_MEGAPIXEL * megapixels)
+        return self.resident_bytes + RESERVE_BYTES + activation_bytes(req.width, req.height, req.num_outputs)
 
     def check(self, req: GenerationRequest) -> None:
         if self.capacity_bytes is None:
@@ -48,12 +65,11 @@ class MemoryBudget:
             )
 
 
-def device_budget(device: str, modules: list[torch.nn.Module]) -> MemoryBudget:
-    unique = {id(m): m for m in modules if m is not None}.values()
-    resident = sum(p.numel() * p.element_size() for m in unique for p in m.parameters())
+def gpu_capacity(device: str) -> int | None:
+    """The GPU's total memory; None on CPU, where nothing is refused up front."""
     if not device.startswith("cuda"):
-        return MemoryBudget(None, resident)
-    return MemoryBudget(torch.cuda.get_device_properties(device).total_memory, resident)
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 def release_memory(device: str) -> None:

@@ -26,6 +26,8 @@ from transformers.utils import logging as transformers_logging
 
 from . import prefetch, weights
 from .config import Settings
+from .memory import gpu_capacity
+from .placement import Placement, make_placement
 from .safety import SafetyChecker
 from .schedulers import make_scheduler
 
@@ -69,6 +71,7 @@ class LoadedModels:
     refiner: Model
     base_pipeline: StableDiffusionXLPipeline  # owns LoRA adapters on the shared base modules
     safety_checker: SafetyChecker
+    placement: Placement  # which modules are on the device at each stage
     manifest: dict
     load_seconds: dict[str, float]
 
@@ -80,7 +83,7 @@ def _model(name: str, pipe: DiffusionPipeline) -> Model:
 
 
 def load_models(settings: Settings) -> LoadedModels:
-    """Check the weights, load every module once onto the device, and return the shared models."""
+    """Check the weights, load every module once, place them (placement.py), and return the shared models."""
     root, dtype, seconds = settings.weights_dir, settings.dtype, {}
     # Loading bars would arrive in the setup logs as carriage-return noise.
     diffusers_logging.disable_progress_bar()
@@ -108,12 +111,22 @@ def load_models(settings: Settings) -> LoadedModels:
     )
     seconds["load"] = time.perf_counter() - started - seconds["verify"]
 
-    # 4. Onto the device: shared modules move once.
-    base.to(settings.device)
-    refiner.to(settings.device)
+    # 4. Onto the device: every module once, or (low-VRAM mode) into pinned memory for stage by stage.
+    # The safety checker arrives on the device; in low-VRAM mode it goes back at once (0.6 GB, setup only).
     safety_checker = SafetyChecker(root / weights.SAFETY_CHECKER_DIR, settings.device, dtype)
+    modules = {
+        "text_encoder": base.text_encoder,
+        "text_encoder_2": base.text_encoder_2,  # also the refiner's
+        "base_unet": base.unet,
+        "refiner_unet": refiner.unet,
+        "vae": vae,
+        "safety_checker": safety_checker.model,
+    }
+    placement = make_placement(settings.device, modules, settings.low_vram, gpu_capacity(settings.device))
     seconds["to_device"] = time.perf_counter() - started - seconds["verify"] - seconds["load"]
-    return LoadedModels(_model("base", base), _model("refiner", refiner), base, safety_checker, manifest, seconds)
+    return LoadedModels(
+        _model("base", base), _model("refiner", refiner), base, safety_checker, placement, manifest, seconds
+    )
 
 
 def model_name(manifest: dict) -> str:

@@ -12,7 +12,7 @@ import torch
 from .config import Settings
 from .generate import generate
 from .lora import LoraAdapters
-from .memory import device_budget, out_of_memory_error, release_memory
+from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
 from .outputs import OutputDirectory, encode_all, parameters_text
 from .pipelines import load_models, model_name
 from .request import GenerationRequest
@@ -40,12 +40,7 @@ class SDXLService:
         self.model_name = model_name(self.models.manifest)
         self.loras = LoraAdapters(self.models.base_pipeline, settings)
         self.outputs = OutputDirectory(settings.output_dir)
-        modules = [
-            *self.models.base.components.values(),
-            self.models.refiner.components["unet"],
-            self.models.safety_checker.model,
-        ]
-        self.budget = device_budget(settings.device, [m for m in modules if isinstance(m, torch.nn.Module)])
+        self.budget = MemoryBudget(gpu_capacity(settings.device), self.models.placement.peak_bytes)
 
     def predict(
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float

@@ -1,0 +1,250 @@
+"""Low-VRAM mode: which GPUs select it, how modules move between CPU and device, and that a prediction
+runs every module only while its stage holds it on the device, with the same images as resident mode."""
+
+from __future__ import annotations
+
+import dataclasses
+from itertools import chain
+
+import pytest
+import torch
+
+from sdxl_cog import placement as placement_module
+from sdxl_cog.config import Settings
+from sdxl_cog.memory import GIB, MemoryBudget, needs_low_vram
+from sdxl_cog.placement import (
+    STAGES,
+    ResidentPlacement,
+    StagedPlacement,
+    make_placement,
+    module_bytes,
+    stage_peak_bytes,
+)
+from sdxl_cog.service import SDXLService
+from tests.conftest import DEFAULT_OPTIONS, make_request, max_diff
+from tests.test_generation import _half_mask, _source_image, run
+
+# SDXL 1.0 in fp16, bytes per placed module.
+SDXL_FP16 = {
+    "base_unet": 5_140_000_000,
+    "refiner_unet": 4_520_000_000,
+    "text_encoder_2": 1_390_000_000,
+    "text_encoder": 250_000_000,
+    "vae": 170_000_000,
+    "safety_checker": 610_000_000,
+}
+ALL_WEIGHTS = sum(SDXL_FP16.values())
+REFERENCE = dict(width=1024, height=1024, num_outputs=4, refine="expert_ensemble_refiner")
+
+
+# --- The decision rule ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "gpu,capacity_gib,low_vram",
+    [
+        ("none (CPU)", None, False),
+        ("H100 80 GB", 79.1, False),
+        ("RTX 4090 / 3090, 24 GB", 23.6, False),
+        ("A10G / L4, 24 GB", 22.0, False),
+        ("20 GB", 19.5, True),
+        ("T4 / V100, 16 GB", 14.6, True),
+        ("RTX 3060, 12 GB", 11.7, True),
+    ],
+)
+def test_gpus_smaller_than_24_gb_select_low_vram_mode(gpu, capacity_gib, low_vram):
+    capacity = None if capacity_gib is None else int(capacity_gib * GIB)
+    assert needs_low_vram(capacity, ALL_WEIGHTS) is low_vram, gpu
+
+
+def test_the_reference_request_fits_24_gb_resident_and_16_gb_staged():
+    assert stage_peak_bytes(SDXL_FP16) == SDXL_FP16["base_unet"] + SDXL_FP16["vae"]
+    MemoryBudget(int(22.0 * GIB), ALL_WEIGHTS).check(make_request(**REFERENCE))
+    MemoryBudget(int(14.6 * GIB), stage_peak_bytes(SDXL_FP16)).check(make_request(**REFERENCE))
+    # A 12 GB card in low-VRAM mode still serves two 1024px images, not four.
+    small = MemoryBudget(int(11.7 * GIB), stage_peak_bytes(SDXL_FP16))
+    small.check(make_request(**{**REFERENCE, "num_outputs": 2}))
+    with pytest.raises(Exception, match="need about"):
+        small.check(make_request(**REFERENCE))
+
+
+def _toy_modules() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    return {name: torch.nn.Linear(8, 8) for name in SDXL_FP16}
+
+
+@pytest.mark.parametrize(
+    "low_vram,capacity_gib,expected",
+    [(None, None, ResidentPlacement), (None, 80, ResidentPlacement), (None, 4, StagedPlacement)]
+    + [(True, None, StagedPlacement), (False, 4, ResidentPlacement)],
+)
+def test_setup_picks_the_placement_from_the_gpu_unless_the_operator_chose(low_vram, capacity_gib, expected):
+    capacity = None if capacity_gib is None else capacity_gib * GIB
+    assert type(make_placement("cpu", _toy_modules(), low_vram, capacity)) is expected
+
+
+@pytest.mark.parametrize("value,expected", [(None, None), ("auto", None), ("1", True), ("true", True), ("0", False)])
+def test_sdxl_low_vram_environment(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("SDXL_LOW_VRAM", raising=False)
+    else:
+        monkeypatch.setenv("SDXL_LOW_VRAM", value)
+    assert Settings.from_env().low_vram is expected
+
+
+# --- Moving modules, on a fake GPU ----------------------------------------------------------------
+
+
+class FakeGpuPlacement(StagedPlacement):
+    """Low-VRAM mode on the CPU: a copy "to the device" is a clone whose storage is remembered, so that
+    whether a tensor is on the fake device is seen from the tensor itself, not from the bookkeeping."""
+
+    def __init__(self, device, modules):
+        self.device_storages: set[int] = set()
+        super().__init__(device, modules)
+
+    def _copy_to_device(self, host):
+        copy = host.clone()
+        self.device_storages.add(copy.data_ptr())
+        return copy
+
+    def _evict(self, module):
+        self.device_storages -= {t.data_ptr() for t in chain(module.parameters(), module.buffers())}
+        super()._evict(module)
+
+    def holds(self, module: torch.nn.Module, recurse: bool = True) -> bool:
+        tensors = chain(module.parameters(recurse=recurse), module.buffers(recurse=recurse))
+        return all(t.data_ptr() in self.device_storages for t in tensors)
+
+
+def _placed(placement: FakeGpuPlacement, modules) -> set[str]:
+    return {name for name, m in modules.items() if placement.holds(m)}
+
+
+def test_a_stage_brings_its_modules_and_eviction_restores_the_very_same_cpu_tensors():
+    modules = _toy_modules()
+    originals = {name: m.weight.detach().clone() for name, m in modules.items()}
+    parameters = {name: list(m.parameters()) for name, m in modules.items()}
+    placement = FakeGpuPlacement("cpu", modules)
+    host_pointers = {name: m.weight.data_ptr() for name, m in modules.items()}
+    assert _placed(placement, modules) == set()
+
+    placement.use("base")
+    assert _placed(placement, modules) == {"base_unet", "vae"} == placement.on_device
+    vae_copy = modules["vae"].weight.data_ptr()
+    placement.use("refiner")
+    assert _placed(placement, modules) == {"refiner_unet", "vae"}
+    assert modules["vae"].weight.data_ptr() == vae_copy  # kept, not copied again
+    # Evicted without a copy: the same CPU storage, the same values, the same Parameter objects.
+    base = modules["base_unet"]
+    assert base.weight.data_ptr() == host_pointers["base_unet"] and torch.equal(base.weight, originals["base_unet"])
+    assert all(list(m.parameters()) == parameters[n] for n, m in modules.items())
+
+    # A tensor added between requests (a LoRA) travels too, and comes back intact.
+    base.lora = torch.nn.Linear(8, 2)
+    lora = base.lora.weight.detach().clone()
+    placement.use("base")
+    assert placement.holds(base.lora)
+    placement.use("safety_check")
+    assert _placed(placement, modules) == {"safety_checker"}
+    assert torch.equal(base.lora.weight, lora)
+    assert all(torch.equal(modules[n].weight, originals[n]) for n in modules)
+
+
+def test_a_copy_cut_short_by_out_of_memory_leaves_nothing_behind():
+    modules = _toy_modules()
+    placement = FakeGpuPlacement("cpu", modules)
+    copy, calls = placement._copy_to_device, []
+
+    def fails_on_the_second_tensor(host):
+        calls.append(host)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return copy(host)
+
+    placement._copy_to_device = fails_on_the_second_tensor
+    with pytest.raises(torch.OutOfMemoryError):
+        placement.use("text_encoding")
+    # Not even the tensor copied before the failure stays on the device.
+    assert not any(t.data_ptr() in placement.device_storages for m in modules.values() for t in m.parameters())
+    del placement._copy_to_device
+    placement.use("text_encoding")
+    assert _placed(placement, modules) == {"text_encoder", "text_encoder_2"} == placement.on_device
+
+
+# --- A prediction in low-VRAM mode, on the tiny engine -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def staged_service(settings) -> SDXLService:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(placement_module, "StagedPlacement", FakeGpuPlacement)
+        return SDXLService(dataclasses.replace(settings, low_vram=True))
+
+
+class DeviceTracker:
+    """Records the stages of a prediction, and each layer that computed with weights off the fake GPU."""
+
+    def __init__(self, placement: FakeGpuPlacement):
+        self.placement, self.stages, self.misplaced, self.resident_bytes = placement, [], set(), []
+        self.handles = [
+            layer.register_forward_pre_hook(lambda layer, _, name=name: self._ran(name, layer))
+            for name, module in placement.modules.items()
+            for layer in module.modules()
+        ]
+        self._use = placement.use
+        placement.use = self._record
+
+    def _ran(self, name: str, layer: torch.nn.Module) -> None:
+        if not self.placement.holds(layer, recurse=False):
+            self.misplaced.add((name, self.stages[-1] if self.stages else None))
+
+    def _record(self, stage: str) -> None:
+        self._use(stage)
+        self.stages.append(stage)
+        placed = _placed(self.placement, self.placement.modules)
+        assert placed == self.placement.on_device and not {"base_unet", "refiner_unet"} <= placed
+        self.resident_bytes.append(sum(module_bytes(self.placement.modules[n]) for n in placed))
+
+    def close(self) -> None:
+        del self.placement.use
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.fixture
+def tracker(staged_service):
+    tracker = DeviceTracker(staged_service.models.placement)
+    yield tracker
+    tracker.close()
+
+
+def test_every_module_of_both_pipelines_is_placed(staged_service):
+    placed = {id(m) for m in staged_service.models.placement.modules.values()}
+    for model in (staged_service.models.base, staged_service.models.refiner):
+        modules = [m for m in model.components.values() if isinstance(m, torch.nn.Module)]
+        assert {id(m) for m in modules} <= placed, model.name
+
+
+def test_low_vram_mode_runs_each_module_only_in_its_stage_with_the_same_images(service, staged_service, tracker):
+    placement = staged_service.models.placement
+    staged = run(staged_service, seed=21, num_outputs=2, refine="expert_ensemble_refiner")
+    assert tracker.stages == list(STAGES) and not tracker.misplaced
+    assert max(tracker.resident_bytes) == placement.peak_bytes < sum(map(module_bytes, placement.modules.values()))
+    assert staged_service.budget.resident_bytes == placement.peak_bytes < service.budget.resident_bytes
+    resident = run(service, seed=21, num_outputs=2, refine="expert_ensemble_refiner")
+    assert all(max_diff(a, b) == 0 for a, b in zip(staged.images, resident.images))
+
+
+def test_low_vram_inpainting_encodes_with_the_vae_in_the_denoising_stages(service, staged_service, tracker, tmp_path):
+    source, mask = _source_image(tmp_path, (256, 256)), _half_mask(tmp_path, (256, 256))
+    request = dict(image=source, mask=mask, width=None, height=None, refine="base_image_refiner", refine_steps=2)
+    staged = run(staged_service, seed=4, **request).images[0]
+    assert tracker.stages == list(STAGES) and not tracker.misplaced
+    assert max_diff(staged, run(service, seed=4, **request).images[0]) == 0
+
+
+def test_without_the_safety_checker_its_stage_is_skipped(staged_service, tracker):
+    options = dataclasses.replace(DEFAULT_OPTIONS, safety_check=False)
+    staged_service.predict(make_request(seed=3), options, None, 0.6)
+    assert tracker.stages == ["text_encoding", "base", "vae_decode"] and not tracker.misplaced
