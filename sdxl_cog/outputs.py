@@ -27,7 +27,7 @@ USER_COMMENT_UNICODE = b"UNICODE\x00"
 # PNG stays lossless, and its encode sits on every request's critical path. Pillow's encoder tries four
 # filters on every row and keeps the best, which alone costs ~60 ms for a 1024px image and cannot be
 # turned off. OpenCV's libpng encoder takes a fixed filter: the Up filter with zlib level 1 and the
-# run-length strategy gives the same file size in 37 ms instead of 102 ms (bench/encoding.py).
+# run-length strategy gives the same file size in 36 ms of CPU instead of 99 ms (bench/encoding.py).
 PNG_COMPRESS_LEVEL = 1
 PNG_PARAMS = [
     cv2.IMWRITE_PNG_COMPRESSION,
