@@ -80,15 +80,16 @@ def _save_png_pillow_default(image: Image.Image, path: Path, quality: int, text:
     image.save(path, format="PNG", pnginfo=info, compress_level=PILLOW_DEFAULT_PNG_LEVEL)
 
 
+def _cv2_name(prefix: str, value: int) -> str:
+    return next(n.removeprefix(prefix) for n in dir(cv2) if n.startswith(prefix) and getattr(cv2, n) == value)
+
+
 def png_settings() -> str:
     """The encoder settings outputs.py writes PNG with, named from OpenCV's constants."""
-    params = outputs.PNG_PARAMS
-    names = {getattr(cv2, n): n.removeprefix("IMWRITE_PNG_") for n in dir(cv2) if n.startswith("IMWRITE_PNG_")}
-    keys = {cv2.IMWRITE_PNG_COMPRESSION: "level", cv2.IMWRITE_PNG_STRATEGY: "", cv2.IMWRITE_PNG_FILTER: ""}
-    parts = []
-    for key, value in zip(params[::2], params[1::2]):
-        parts.append(f"level {value}" if keys.get(key) == "level" else names.get(value, str(value)).lower())
-    return "OpenCV, " + ", ".join(parts)
+    options = dict(zip(outputs.PNG_PARAMS[::2], outputs.PNG_PARAMS[1::2]))
+    strategy = _cv2_name("IMWRITE_PNG_STRATEGY_", options[cv2.IMWRITE_PNG_STRATEGY])
+    row_filter = _cv2_name("IMWRITE_PNG_FILTER_", options[cv2.IMWRITE_PNG_FILTER])
+    return f"OpenCV, level {options[cv2.IMWRITE_PNG_COMPRESSION]}, {strategy} strategy, {row_filter} filter"
 
 
 def _save_png_pillow_fastest(image: Image.Image, path: Path, quality: int, text: str) -> None:

@@ -153,8 +153,6 @@ class Part:
     path: str  # relative to the weights root
     config: str  # key in the dict of configs (architecture file names, plus "safety_checker")
     build: Callable[[dict], nn.Module]
-    dtype: torch.dtype
-    variant: str | None
 
 
 def _text_encoder(config: dict) -> nn.Module:
@@ -169,15 +167,16 @@ def _safety_checker(config: dict) -> nn.Module:
     return StableDiffusionSafetyChecker(CLIPConfig(**config))
 
 
-# What is written: fp16 variant files, as script/download-weights writes them (sdxl_cog/weights.py).
-# One model is in memory at a time.
+# What is written, one model in memory at a time: fp16 variant files, as script/download-weights writes
+# them (sdxl_cog/weights.py).
+WEIGHTS_DTYPE, WEIGHTS_VARIANT = torch.float16, "fp16"
 PARTS = (
-    Part(f"{BASE_DIR}/text_encoder", "text_encoder", _text_encoder, torch.float16, "fp16"),
-    Part(f"{BASE_DIR}/text_encoder_2", "text_encoder_2", _text_encoder_2, torch.float16, "fp16"),
-    Part(f"{BASE_DIR}/unet", "unet_base", UNet2DConditionModel.from_config, torch.float16, "fp16"),
-    Part(f"{REFINER_DIR}/unet", "unet_refiner", UNet2DConditionModel.from_config, torch.float16, "fp16"),
-    Part(VAE_DIR, "vae", AutoencoderKL.from_config, torch.float16, "fp16"),
-    Part(SAFETY_CHECKER_DIR, "safety_checker", _safety_checker, torch.float16, "fp16"),
+    Part(f"{BASE_DIR}/text_encoder", "text_encoder", _text_encoder),
+    Part(f"{BASE_DIR}/text_encoder_2", "text_encoder_2", _text_encoder_2),
+    Part(f"{BASE_DIR}/unet", "unet_base", UNet2DConditionModel.from_config),
+    Part(f"{REFINER_DIR}/unet", "unet_refiner", UNet2DConditionModel.from_config),
+    Part(VAE_DIR, "vae", AutoencoderKL.from_config),
+    Part(SAFETY_CHECKER_DIR, "safety_checker", _safety_checker),
 )
 
 # model_index.json of stabilityai/stable-diffusion-xl-{base,refiner}-1.0. The refiner has no first text
@@ -297,10 +296,10 @@ def _write_pipeline_files(root: Path) -> None:
 
 
 def _write_part(root: Path, part: Part, config: dict, seed: int) -> None:
-    model = random_model(lambda: part.build(config), part.dtype, seed)
+    model = random_model(lambda: part.build(config), WEIGHTS_DTYPE, seed)
     if part.config == "safety_checker":
         _set_thresholds(model, NEVER_FLAG_THRESHOLD)
-    model.save_pretrained(root / part.path, variant=part.variant)
+    model.save_pretrained(root / part.path, variant=WEIGHTS_VARIANT)
     _make_readable(root / part.path)
     del model
     gc.collect()  # return the memory before the next (possibly 5 GB) model is built
