@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import weights
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # --- Input bounds (the schema enforces them; the engine relies on them) ----------------------------
 # SDXL was trained at about one megapixel; 2048 is the largest side that still fits a 24 GB GPU at
@@ -92,7 +92,7 @@ class Settings:
         dtype_name = os.environ.get("SDXL_DTYPE", default_dtype).lower()
         if dtype_name not in DTYPES:
             raise ValueError(f"SDXL_DTYPE={dtype_name!r} is not supported; use one of {sorted(DTYPES)}.")
-        weights_dir = weights.root_from_env()
+        weights_dir = _env_path("SDXL_WEIGHTS_DIR", REPO_ROOT / "weights")
         return cls(
             weights_dir=weights_dir,
             device=device,

@@ -7,11 +7,11 @@ sequential speed meanwhile (sendfile() to /dev/null: the kernel fills the page c
 user space, and the GIL is released).
 
 Opt-in (SDXL_PREFETCH_WEIGHTS=1), because it pays only where the disk is much faster than the loader's
-page faults. On this project's CPU machines (bench/RESULTS.md, cold start) it cut setup() by 27% on a
-day the disk read 3.4 GB/s, and cost 20% on a day it read 1.35 GB/s, when the loader alone already
-kept the disk busy and a second reader only competed with it. Started before the imports instead, it
-starved their own small reads and the whole cold start got slower. Measure on the target machine with
-`bench/coldstart.py --variants floor,setup,setup_prefetch`.
+page faults. On this project's CPU machines (bench/RESULTS.md, cold start) a prototype of it cut setup()
+by 27% on a day the disk read 3.4 GB/s, and this module cost 20% on a day it read 1.35 GB/s, when the
+loader alone already kept the disk busy and a second reader only competed with it. Started before the
+imports instead, it starved their own small reads and the whole cold start got slower. Measure on the
+target machine with `bench/coldstart.py --variants floor,setup,setup_prefetch`.
 """
 
 from __future__ import annotations

@@ -23,9 +23,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# Where setup() finds the weights: weights/ next to predict.py (baked into the image), or SDXL_WEIGHTS_DIR.
-WEIGHTS_DIR_ENV = "SDXL_WEIGHTS_DIR"
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "weights"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 FIX_COMMAND = "script/download-weights (or script/make-test-weights DIR for synthetic test weights)"
@@ -63,10 +60,6 @@ REQUIRED_FILES = (
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
 # Files that may sit in weights/ without being weights (the committed README explaining the folder).
 NOT_WEIGHTS = {MANIFEST_NAME, "README.md"}
-
-
-def root_from_env() -> Path:
-    return Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_ROOT)
 
 
 class WeightsError(RuntimeError):
