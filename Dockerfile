@@ -89,4 +89,4 @@ COPY weights/ /src/weights/
 
 # 4. Code, then the schema coglet validates inputs against (what `cog build` generates).
 COPY --from=code /src/ /src/
-RUN python -m sdxl_cog.openapi --out .cog/openapi_schema.json
+RUN python -m sdxl_cog.schema --out .cog/openapi_schema.json

@@ -42,10 +42,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GIB, median, print_header, print_table, ratio  # noqa: E402
 
-from sdxl_cog import weights  # noqa: E402
 from sdxl_cog.config import DEFAULT_HIGH_NOISE_FRAC, DEFAULT_SIDE, Settings  # noqa: E402
 from sdxl_cog.request import build_request  # noqa: E402
 from sdxl_cog.service import OutputOptions, SDXLService  # noqa: E402
+from sdxl_cog.weights import layout  # noqa: E402
 
 PROMPT = "an astronaut riding a rainbow unicorn, cinematic"
 SEED = 1234
@@ -104,10 +104,10 @@ def load_baseline(root: Path, device: str, dtype: torch.dtype):
     diffusers_logging.disable_progress_bar()
 
     fp16 = dict(dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False)
-    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype, variant="fp16")
-    base = StableDiffusionXLPipeline.from_pretrained(root / weights.BASE_DIR, vae=vae, **fp16).to(device)
+    vae = AutoencoderKL.from_pretrained(root / layout.VAE_DIR, dtype=dtype, variant="fp16")
+    base = StableDiffusionXLPipeline.from_pretrained(root / layout.BASE_DIR, vae=vae, **fp16).to(device)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        root / weights.REFINER_DIR, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=vae, **fp16
+        root / layout.REFINER_DIR, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, vae=vae, **fp16
     ).to(device)
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)

@@ -10,7 +10,7 @@
    interleaved after a warm-up; the like-for-like image must equal the bare pipeline's, pixel for pixel,
    or the comparison is not of the same work. Wall time and process CPU time are both reported: on a
    machine shared with other work, CPU time is the steadier measure of the work done.
-2. Over HTTP: POST /predictions to the real Cog server (coglet, via tests/cog_server.py) on a loopback
+2. Over HTTP: POST /predictions to the real Cog server (coglet, via sdxl_cog/testing/cog_server.py) on a loopback
    port, against the in-process predict() of step 1 with the same inputs, and against the server's own
    `total_time` metric for the same request. The base64 of the output, which the response has to carry,
    is timed on its own.
@@ -35,11 +35,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, median, print_header, print_table, ratio, spread  # noqa: E402
 
-from sdxl_cog import weights  # noqa: E402
 from sdxl_cog.config import Settings  # noqa: E402
 from sdxl_cog.request import build_request  # noqa: E402
 from sdxl_cog.service import OutputOptions, SDXLService  # noqa: E402
-from sdxl_cog.synthetic import make_weights  # noqa: E402
+from sdxl_cog.testing.synthetic import make_weights  # noqa: E402
+from sdxl_cog.weights import layout  # noqa: E402
 
 PROMPT = "an astronaut riding a rainbow unicorn, cinematic"
 SEED = 1234
@@ -76,9 +76,9 @@ def bare_pipeline(root: Path, dtype: torch.dtype):
     """The plain diffusers recipe, loaded independently of sdxl_cog from the same files."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype, variant="fp16")
+    vae = AutoencoderKL.from_pretrained(root / layout.VAE_DIR, dtype=dtype, variant="fp16")
     pipe = StableDiffusionXLPipeline.from_pretrained(
-        root / weights.BASE_DIR, vae=vae, dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False
+        root / layout.BASE_DIR, vae=vae, dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -159,7 +159,7 @@ def bench_in_process(service: SDXLService, pipe, args) -> None:
 
 
 def bench_http(service: SDXLService, root: Path, scratch: Path, args) -> None:
-    from cog_server import CogServer
+    from sdxl_cog.testing.cog_server import CogServer
 
     inputs = request_inputs(args.side, args.steps)
     request, options = build(inputs), OutputOptions("png", 80, apply_watermark=True, safety_check=True)

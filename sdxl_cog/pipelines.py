@@ -24,12 +24,13 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from . import prefetch, weights
+from . import prefetch
 from .config import Settings
 from .memory import gpu_capacity
 from .placement import Placement, make_placement
 from .safety import SafetyChecker
 from .schedulers import make_scheduler
+from .weights import layout
 
 # Which pipeline class runs each (stage, mode). The refiner never starts from noise, so its
 # text-to-image runs are image-to-image on the base's latents.
@@ -91,19 +92,19 @@ def load_models(settings: Settings) -> LoadedModels:
     started = time.perf_counter()
 
     # 1. Fail fast, naming the file, if the weights are incomplete or corrupt.
-    manifest = weights.verify(root, full_hash=settings.verify_weights_hash)
+    manifest = layout.verify(root, full_hash=settings.verify_weights_hash)
     seconds["verify"] = time.perf_counter() - started
     if settings.prefetch_weights:
         prefetch.start(root)
 
     # 2. The fp16-fix VAE, shared by base and refiner.
-    vae = AutoencoderKL.from_pretrained(root / weights.VAE_DIR, dtype=dtype, variant="fp16")
+    vae = AutoencoderKL.from_pretrained(root / layout.VAE_DIR, dtype=dtype, variant="fp16")
 
     # 3. Base, then the refiner borrowing the base's second text encoder, its tokenizer and the VAE.
     load = dict(dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False)
-    base = StableDiffusionXLPipeline.from_pretrained(root / weights.BASE_DIR, vae=vae, **load)
+    base = StableDiffusionXLPipeline.from_pretrained(root / layout.BASE_DIR, vae=vae, **load)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        root / weights.REFINER_DIR,
+        root / layout.REFINER_DIR,
         text_encoder_2=base.text_encoder_2,
         tokenizer_2=base.tokenizer_2,
         vae=vae,
@@ -113,7 +114,7 @@ def load_models(settings: Settings) -> LoadedModels:
 
     # 4. Onto the device: every module once, or (low-VRAM mode) into pinned memory for stage by stage.
     # The safety checker arrives on the device; in low-VRAM mode it goes back at once (0.6 GB, setup only).
-    safety_checker = SafetyChecker(root / weights.SAFETY_CHECKER_DIR, settings.device, dtype)
+    safety_checker = SafetyChecker(root / layout.SAFETY_CHECKER_DIR, settings.device, dtype)
     modules = {
         "text_encoder": base.text_encoder,
         "text_encoder_2": base.text_encoder_2,  # also the refiner's

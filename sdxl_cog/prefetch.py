@@ -21,13 +21,13 @@ import os
 import threading
 from pathlib import Path
 
-from . import weights
+from .weights import layout
 
 logger = logging.getLogger(__name__)
 
 # The order load_models() (sdxl_cog/pipelines.py) reads the parts in; within a part, diffusers loads
 # components alphabetically (text_encoder, text_encoder_2, unet), as the sorted paths are.
-LOAD_ORDER = (weights.VAE_DIR, weights.BASE_DIR, weights.REFINER_DIR, weights.SAFETY_CHECKER_DIR)
+LOAD_ORDER = (layout.VAE_DIR, layout.BASE_DIR, layout.REFINER_DIR, layout.SAFETY_CHECKER_DIR)
 # Prefetching more than the page cache can hold would evict the first files before setup() reads them,
 # and read them twice; leave room for the process itself.
 CACHE_FRACTION = 0.8

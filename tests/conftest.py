@@ -13,7 +13,7 @@ from PIL import Image
 from sdxl_cog.config import Settings
 from sdxl_cog.request import build_request
 from sdxl_cog.service import OutputOptions, SDXLService
-from sdxl_cog.synthetic import make_weights
+from sdxl_cog.testing.synthetic import make_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

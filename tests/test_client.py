@@ -7,8 +7,9 @@ import sys
 
 import pytest
 import requests
-from cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
 from PIL import Image
+
+from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
 
 CLIENT = REPO_ROOT / "test_request.py"
 

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from cog_server import free_port
 from PIL import Image
+
+from sdxl_cog.testing.cog_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SDXL_CI_CACHE") or Path.home() / ".cache" / "sdxl-cog-ci")

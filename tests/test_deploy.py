@@ -15,8 +15,9 @@ import kubernetes_validate
 import pytest
 import requests
 import yaml
-from cog_server import CogServer, free_port
 from kserve_schema import inference_service_schema
+
+from sdxl_cog.testing.cog_server import CogServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"

@@ -1,4 +1,4 @@
-"""script/download-weights and sdxl_cog.download, offline: a fake Hub mirror stands in for the four repos.
+"""script/download-weights and sdxl_cog.weights.download, offline: a fake Hub mirror stands in for the four repos.
 
 The mirror copies the real repos' layouts (main branch) with small stand-in files, including everything
 the layout must skip: the base's own VAE, full-precision and ONNX/OpenVINO/Flax weights, single-file
@@ -29,9 +29,9 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-from sdxl_cog import convert, http_download, weight_sources
-from sdxl_cog import download as dl
-from sdxl_cog.weights import MANIFEST_NAME, REQUIRED_FILES, WeightsError, read_manifest, sha256_of, verify
+from sdxl_cog.weights import convert, sources, url_download
+from sdxl_cog.weights import download as dl
+from sdxl_cog.weights.layout import MANIFEST_NAME, REQUIRED_FILES, WeightsError, read_manifest, sha256_of, verify
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "script" / "download-weights"
@@ -163,20 +163,20 @@ def mtimes(root: Path) -> dict[str, int]:
 @pytest.fixture
 def mirror(tmp_path, monkeypatch) -> Path:
     root = make_mirror(tmp_path / "hub")
-    monkeypatch.setenv(weight_sources.MIRROR_ENV, str(root))
+    monkeypatch.setenv(sources.MIRROR_ENV, str(root))
     return root
 
 
 @pytest.fixture
 def fetch_log(monkeypatch) -> list[str]:
     """Every file a mirror copies, in order."""
-    copied, fetch = [], weight_sources.MirrorRepo.fetch
+    copied, fetch = [], sources.MirrorRepo.fetch
 
     def logged(self, commit, files, dest):
         copied.extend(files)
         return fetch(self, commit, files, dest)
 
-    monkeypatch.setattr(weight_sources.MirrorRepo, "fetch", logged)
+    monkeypatch.setattr(sources.MirrorRepo, "fetch", logged)
     return copied
 
 
@@ -430,7 +430,7 @@ def test_fetch_url_resumes_a_partial_file(server, tmp_path, partial, honour_rang
     if partial:
         dest.with_name("model.safetensors.part").write_bytes(partial)
 
-    assert http_download.fetch_url(blob_server.url(), dest) == dest
+    assert url_download.fetch_url(blob_server.url(), dest) == dest
 
     assert blob_server.ranges == [expected_range]
     assert dest.read_bytes() == BLOB
@@ -440,16 +440,16 @@ def test_fetch_url_resumes_a_partial_file(server, tmp_path, partial, honour_rang
 
 def test_fetch_url_failure_says_how_to_resume(tmp_path):
     with pytest.raises(dl.DownloadError, match="Run again to resume"):
-        http_download.fetch_url(f"http://127.0.0.1:{closed_port()}/x.safetensors", tmp_path / "x.safetensors")
+        url_download.fetch_url(f"http://127.0.0.1:{closed_port()}/x.safetensors", tmp_path / "x.safetensors")
 
 
 def test_hf_token_goes_only_to_the_hub(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    assert http_download.hf_auth_headers("https://huggingface.co/a/b/resolve/main/x.safetensors") == {
+    assert url_download.hf_auth_headers("https://huggingface.co/a/b/resolve/main/x.safetensors") == {
         "Authorization": "Bearer hf_secret"
     }
-    assert http_download.hf_auth_headers("https://civitai.com/api/download/models/1") == {}
-    assert http_download.hf_auth_headers("https://huggingface.co.evil.example/x.safetensors") == {}
+    assert url_download.hf_auth_headers("https://civitai.com/api/download/models/1") == {}
+    assert url_download.hf_auth_headers("https://huggingface.co.evil.example/x.safetensors") == {}
 
 
 def test_single_file_url_is_converted_with_the_stock_configs(mirror, tmp_path, server, monkeypatch):
@@ -506,10 +506,10 @@ class TinyModel(torch.nn.Module):
 
 
 def test_sources_revision_applies_to_the_base_only(monkeypatch):
-    monkeypatch.delenv(weight_sources.MIRROR_ENV, raising=False)
-    sources = dl._sources(None, None, "abc123")
-    assert sources["base"] == weight_sources.HubRepo(BASE, "abc123", os.environ.get("HF_TOKEN") or None)
-    assert {s.revision for name, s in sources.items() if name != "base"} == {"main"}
+    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
+    planned = dl._sources(None, None, "abc123")
+    assert planned["base"] == sources.HubRepo(BASE, "abc123", os.environ.get("HF_TOKEN") or None)
+    assert {s.revision for name, s in planned.items() if name != "base"} == {"main"}
 
 
 @pytest.mark.parametrize(
@@ -521,7 +521,7 @@ def test_sources_revision_applies_to_the_base_only(monkeypatch):
 )
 def test_open_source_rejects(spec, message):
     with pytest.raises(dl.DownloadError, match=message):
-        weight_sources.open_source(spec)
+        sources.open_source(spec)
 
 
 def test_refiner_must_be_a_repo(mirror):
@@ -560,7 +560,7 @@ def closed_port() -> int:
 
 
 def test_unreachable_hub_fails_with_a_message_naming_the_repo(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv(weight_sources.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
 
     assert load_script().main(["--dest", str(tmp_path / "weights")]) == 1
@@ -679,8 +679,8 @@ def test_script_downloads_from_the_hub_api_then_reports_up_to_date(tmp_path, mon
     }
     assert "vae/config.json" not in fetched and "unet/diffusion_pytorch_model.safetensors" not in fetched
     # A second run finds the manifest complete and touches no network at all.
-    monkeypatch.delenv(weight_sources.MIRROR_ENV, raising=False)
-    monkeypatch.setattr(weight_sources.HubRepo, "resolve", lambda self: pytest.fail(f"network use for {self.label}"))
+    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
+    monkeypatch.setattr(sources.HubRepo, "resolve", lambda self: pytest.fail(f"network use for {self.label}"))
     caplog.set_level("INFO")
     dl.download(dest)
     assert "up to date" in caplog.text

@@ -8,13 +8,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from cog_server import CogServer
 from PIL import Image
 
 from sdxl_cog.errors import InputError
 from sdxl_cog.memory import GIB, MemoryBudget
 from sdxl_cog.service import SDXLService
-from sdxl_cog.weights import WeightsError
+from sdxl_cog.testing.cog_server import CogServer
+from sdxl_cog.weights.layout import WeightsError
 from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, make_request, pixels
 
 UNET_FILE = "base/unet/diffusion_pytorch_model.fp16.safetensors"

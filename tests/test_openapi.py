@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 import requests
-from cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer
 from PIL import Image
 
-from sdxl_cog import openapi
+from sdxl_cog.schema import openapi
+from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_other_input_types_without_running_setup(tmp_path):
 
 def test_cli_writes_the_schema(tmp_path, schema):
     out = tmp_path / ".cog" / "openapi_schema.json"
-    command = [sys.executable, "-m", "sdxl_cog.openapi", "--predictor", DUMMY_PREDICTOR_REF, "--out", str(out)]
+    command = [sys.executable, "-m", "sdxl_cog.schema", "--predictor", DUMMY_PREDICTOR_REF, "--out", str(out)]
     subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
     assert json.loads(out.read_text()) == schema
 

@@ -10,7 +10,7 @@ from PIL import Image
 from sdxl_cog.config import WATERMARK_MIN_SIDE
 from sdxl_cog.prompts import encode_prompts
 from sdxl_cog.service import SDXLService
-from sdxl_cog.synthetic import set_safety_checker_flags_everything
+from sdxl_cog.testing.synthetic import set_safety_checker_flags_everything
 from sdxl_cog.watermark import has_watermark
 from tests.conftest import DEFAULT_OPTIONS, make_request, max_diff
 

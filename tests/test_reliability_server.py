@@ -26,10 +26,10 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from cog_server import CogServer
 from PIL import Image
 from safetensors.torch import save_file
 
+from sdxl_cog.testing.cog_server import CogServer
 from tests.conftest import REPO_ROOT
 from tests.test_lora import _lora_state_dict
 

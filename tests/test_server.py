@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-from cog_server import CogServer
 from PIL import Image
 
+from sdxl_cog.testing.cog_server import CogServer
 from tests.conftest import REPO_ROOT
 
 READY_TIMEOUT_S = 300

@@ -3,7 +3,7 @@
 coglet validates request inputs only when that file exists in its working directory, so every
 launch path that bypasses `cog build` (script/serve, the tests) must write it first:
 
-    python -m sdxl_cog.openapi [--predictor predict.py:Predictor] [--out .cog/openapi_schema.json]
+    python -m sdxl_cog.schema [--predictor predict.py:Predictor] [--out .cog/openapi_schema.json]
 
 The predictor is introspected with Cog's own inspector (the module is imported, setup() is not
 run) and the document follows the shape of Cog's generator (pkg/schema/openapi_spec.go): inputs

@@ -1,9 +1,9 @@
-"""Synthetic SDXL weights: the layout of `sdxl_cog.weights`, filled with seeded random tensors.
+"""Synthetic SDXL weights: the layout of `sdxl_cog.weights.layout`, filled with seeded random tensors.
 
 Two sizes share one recipe (see SIZES):
   tiny  small SDXL-shaped models, a few MB, for the CPU test suite: every code path of the real
         pipelines runs (two text encoders, text_time conditioning, aesthetic score, VAE scale 8).
-  full  the published SDXL 1.0 architecture (sdxl_cog/architecture/*.json) with random weights, the
+  full  the published SDXL 1.0 architecture (sdxl_cog/testing/architecture/*.json) with random weights, the
         real file sizes: for load-time, memory and throughput measurements without Hugging Face.
 
 The same size and seed give byte-identical files on the same machine and library versions.
@@ -26,7 +26,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from torch import nn
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl_cog.weights import (
+from sdxl_cog.weights.layout import (
     BASE_DIR,
     MANIFEST_NAME,
     REFINER_DIR,
@@ -168,7 +168,7 @@ def _safety_checker(config: dict) -> nn.Module:
 
 
 # What is written, one model in memory at a time: fp16 variant files, as script/download-weights writes
-# them (sdxl_cog/weights.py).
+# them (sdxl_cog/weights/layout.py).
 WEIGHTS_DTYPE, WEIGHTS_VARIANT = torch.float16, "fp16"
 PARTS = (
     Part(f"{BASE_DIR}/text_encoder", "text_encoder", _text_encoder),
@@ -229,7 +229,7 @@ def make_weights(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
     for part in PARTS:
         _write_part(root, part, configs[part.config], _part_seed(seed, part.path))
     # 4. The manifest.
-    origin = f"synthetic {size} weights, seed {seed} (sdxl_cog/synthetic.py)"
+    origin = f"synthetic {size} weights, seed {seed} (sdxl_cog/testing/synthetic.py)"
     return write_manifest(root, sources={d: origin for d in (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR)})
 
 
@@ -249,7 +249,7 @@ def set_safety_checker_flags_everything(root: Path | str) -> None:
 
 
 def architecture(name: str) -> dict:
-    """One of the published SDXL configs in sdxl_cog/architecture/."""
+    """One of the published SDXL configs in sdxl_cog/testing/architecture/."""
     return json.loads((ARCHITECTURE_DIR / f"{name}.json").read_text())
 
 

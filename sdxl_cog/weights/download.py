@@ -1,11 +1,11 @@
-"""Fill the weights directory (layout: sdxl_cog/weights.py) with exactly what setup() loads.
+"""Fill the weights directory (layout: sdxl_cog/weights/layout.py) with exactly what setup() loads.
 
-Each part of the layout comes from one source (sdxl_cog/weight_sources.py): a Hugging Face Hub repo, a
+Each part of the layout comes from one source (sdxl_cog/weights/sources.py): a Hugging Face Hub repo, a
 local folder laid out like one (a mirror, for offline builds and tests), or, for the base only, a
 single-file `.safetensors` checkpoint. Hub and mirror share every step but the transfer itself: choosing
 files, converting weights the layout needs in another form (sdxl_cog/convert.py), skipping files intact
 from the last run, pruning leftovers, and the manifest. Interrupted runs resume: huggingface_hub
-continues its `.incomplete` files, URLs their `.part` file (sdxl_cog/http_download.py).
+continues its `.incomplete` files, URLs their `.part` file (sdxl_cog/weights/url_download.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .convert import convert_single_file, convert_weights
-from .http_download import fetch_url, hf_auth_headers
-from .weight_sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
-from .weights import (
+from .url_download import fetch_url, hf_auth_headers
+from .sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
+from .layout import (
     BASE_DIR,
     MANIFEST_NAME,
     REFINER_DIR,

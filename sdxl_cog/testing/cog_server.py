@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # A CPU-only predictor with the same kinds of inputs as predict.py (see the file's docstring).
 DUMMY_PREDICTOR_REF = f"{REPO_ROOT / 'tests/fixtures/dummy_predictor.py'}:Predictor"
 SCHEMA_PATH = Path(".cog/openapi_schema.json")
@@ -93,7 +93,7 @@ class CogServer:
         """Run the generator as `script/serve` does, in `cwd`, so the predictor imports as it will there."""
         env = self._env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "sdxl_cog.openapi", "--predictor", self.predictor_ref]
+        command = [sys.executable, "-m", "sdxl_cog.schema", "--predictor", self.predictor_ref]
         done = subprocess.run(
             [*command, "--out", str(SCHEMA_PATH)], cwd=self.cwd, env=env, capture_output=True, text=True
         )

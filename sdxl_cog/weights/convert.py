@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_target
-from .weight_sources import DownloadError
+from .sources import DownloadError
 
 logger = logging.getLogger(__name__)
 
