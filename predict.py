@@ -7,12 +7,27 @@ switch without changing their requests.
 
 from cog import BasePredictor, Input, Path
 
-from sdxl_cog import config as c
 from sdxl_cog.config import Settings
-from sdxl_cog.outputs import OUTPUT_FORMATS
-from sdxl_cog.request import REFINE_MODES, build_request
-from sdxl_cog.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from sdxl_cog.request import build_request
 from sdxl_cog.service import OutputOptions, SDXLService
+
+# Cog's CLI reads this file without importing it (see sdxl_cog/schema/static_reader.py): every Input()
+# argument below is a literal or a name bound to one here, or `cog build` would lose it. The engine's own
+# copies of these values (sdxl_cog/config.py, SCHEDULERS, REFINE_MODES, OUTPUT_FORMATS) are checked against
+# this file by tests/test_schema.py.
+SCHEDULERS = [
+    "DDIM",
+    "DPMSolverMultistep",
+    "HeunDiscrete",
+    "KarrasDPM",
+    "K_EULER_ANCESTRAL",
+    "K_EULER",
+    "PNDM",
+    "DPM++ 2M Karras",
+    "UniPC",
+]
+REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
+OUTPUT_FORMATS = ["png", "jpg", "webp"]
 
 
 class Predictor(BasePredictor):
@@ -23,7 +38,8 @@ class Predictor(BasePredictor):
     def predict(
         self,
         prompt: str = Input(
-            description="What to draw. Longer than 77 tokens is fine: nothing is truncated.", default=c.DEFAULT_PROMPT
+            description="What to draw. Longer than 77 tokens is fine: nothing is truncated.",
+            default="An astronaut riding a rainbow unicorn",
         ),
         negative_prompt: str = Input(description="What to keep out of the image.", default=""),
         image: Path | None = Input(
@@ -34,28 +50,24 @@ class Predictor(BasePredictor):
             default=None,
         ),
         width: int | None = Input(
-            description=f"Output width, a multiple of 8. Default {c.DEFAULT_SIDE} for text-to-image; with an image, follows the image.",
+            description="Output width, a multiple of 8. Default 1024 for text-to-image; with an image, follows the image.",
             default=None,
-            ge=c.MIN_SIDE,
-            le=c.MAX_SIDE,
+            ge=128,
+            le=2048,
         ),
         height: int | None = Input(
-            description=f"Output height, a multiple of 8. Default {c.DEFAULT_SIDE} for text-to-image; with an image, follows the image.",
+            description="Output height, a multiple of 8. Default 1024 for text-to-image; with an image, follows the image.",
             default=None,
-            ge=c.MIN_SIDE,
-            le=c.MAX_SIDE,
+            ge=128,
+            le=2048,
         ),
-        num_outputs: int = Input(
-            description="Number of images. Image i uses seed + i.", default=1, ge=1, le=c.MAX_OUTPUTS
-        ),
-        scheduler: str = Input(description="Sampler.", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS)),
-        num_inference_steps: int = Input(description="Denoising steps.", default=c.DEFAULT_STEPS, ge=1, le=c.MAX_STEPS),
-        guidance_scale: float = Input(
-            description="Classifier-free guidance scale.", default=c.DEFAULT_GUIDANCE, ge=1, le=50
-        ),
+        num_outputs: int = Input(description="Number of images. Image i uses seed + i.", default=1, ge=1, le=4),
+        scheduler: str = Input(description="Sampler.", default="K_EULER", choices=SCHEDULERS),
+        num_inference_steps: int = Input(description="Denoising steps.", default=50, ge=1, le=500),
+        guidance_scale: float = Input(description="Classifier-free guidance scale.", default=7.5, ge=1, le=50),
         prompt_strength: float = Input(
             description="img2img/inpaint: how much of the source image is replaced (1.0 = all of it).",
-            default=c.DEFAULT_PROMPT_STRENGTH,
+            default=0.8,
             ge=0,
             le=1,
         ),
@@ -63,7 +75,7 @@ class Predictor(BasePredictor):
             description="Random seed. Leave blank for a random one; the seeds used are returned in metrics.",
             default=None,
             ge=0,
-            le=c.MAX_SEED,
+            le=4294967295,
         ),
         refine: str = Input(
             description="Refiner: none, expert ensemble (base hands over at high_noise_frac), or img2img on the base's image.",
@@ -71,20 +83,17 @@ class Predictor(BasePredictor):
             choices=REFINE_MODES,
         ),
         high_noise_frac: float = Input(
-            description="expert_ensemble_refiner: fraction of the steps the base runs.",
-            default=c.DEFAULT_HIGH_NOISE_FRAC,
-            ge=0,
-            le=1,
+            description="expert_ensemble_refiner: fraction of the steps the base runs.", default=0.8, ge=0, le=1
         ),
         refine_steps: int | None = Input(
             description="base_image_refiner: refiner steps to run. Default: num_inference_steps x refine_strength.",
             default=None,
             ge=1,
-            le=c.MAX_STEPS,
+            le=500,
         ),
         refine_strength: float = Input(
             description="base_image_refiner: how much noise the refiner adds back before refining.",
-            default=c.DEFAULT_REFINE_STRENGTH,
+            default=0.3,
             ge=0.01,
             le=1,
         ),
@@ -98,17 +107,12 @@ class Predictor(BasePredictor):
             description="LoRA to apply: https URL or local path of a .safetensors file (diffusers/PEFT or kohya keys).",
             default=None,
         ),
-        lora_scale: float = Input(
-            description="LoRA strength (0 = off, 1 = full).", default=c.DEFAULT_LORA_SCALE, ge=0, le=1
-        ),
+        lora_scale: float = Input(description="LoRA strength (0 = off, 1 = full).", default=0.6, ge=0, le=1),
         output_format: str = Input(
             description="Image file format. PNG is lossless.", default="png", choices=OUTPUT_FORMATS
         ),
         output_quality: int = Input(
-            description="jpg/webp quality (webp at 100 is lossless); ignored for png.",
-            default=c.DEFAULT_OUTPUT_QUALITY,
-            ge=0,
-            le=100,
+            description="jpg/webp quality (webp at 100 is lossless); ignored for png.", default=80, ge=0, le=100
         ),
     ) -> list[Path]:
         """Generate images; seeds, per-phase timings and safety flags are returned in metrics."""

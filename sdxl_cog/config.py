@@ -11,7 +11,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# --- Input bounds (the schema enforces them; the engine relies on them) ----------------------------
+# --- Input bounds the engine relies on ------------------------------------------------------------------
+# predict.py declares the API (Cog reads it statically, so there they are literals); tests/test_schema.py
+# fails if these copies differ from it.
 # SDXL was trained at about one megapixel; 2048 is the largest side that still fits a 24 GB GPU at
 # batch 1 with the refiner. 128 is the smallest size the UNet's three resolution levels handle.
 MIN_SIDE = 128
@@ -19,18 +21,9 @@ MAX_SIDE = 2048
 DEFAULT_SIDE = 1024
 # The VAE downsamples by 8, so pixel sizes must be multiples of 8.
 SIDE_MULTIPLE = 8
-MAX_OUTPUTS = 4
-MAX_STEPS = 500
 MAX_SEED = 2**32 - 1
-# cog-sdxl's defaults, kept so stability-ai/sdxl users can migrate without surprises.
-DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_PROMPT_STRENGTH = 0.8
+# predict.py's defaults that the benchmarks reuse.
 DEFAULT_HIGH_NOISE_FRAC = 0.8
-DEFAULT_LORA_SCALE = 0.6
-# cog-sdxl hard-coded 0.3 for base_image_refiner; here it is an input with the same default.
-DEFAULT_REFINE_STRENGTH = 0.3
 DEFAULT_OUTPUT_QUALITY = 80
 
 # Below this side the invisible watermark (DWT-DCT) cannot hold its 48 bits; diffusers skips it too.

@@ -42,7 +42,6 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "DPM++ 2M Karras": SchedulerSpec(DPMSolverMultistepScheduler, _KARRAS_2M, a1111_name="DPM++ 2M Karras"),
     "UniPC": SchedulerSpec(UniPCMultistepScheduler, a1111_name="UniPC"),
 }
-DEFAULT_SCHEDULER = "K_EULER"
 
 
 def make_scheduler(name: str, pristine_config: dict[str, Any]) -> SchedulerMixin:

@@ -1,36 +1,30 @@
-"""Generate the OpenAPI schema that `cog build` bakes into the image as `.cog/openapi_schema.json`.
+"""The OpenAPI document that `cog build` bakes into the image as `.cog/openapi_schema.json`.
 
-coglet validates request inputs only when that file exists in its working directory, so every
-launch path that bypasses `cog build` (script/serve, the tests) must write it first:
+coglet validates request inputs only when that file exists in its working directory, so every launch
+path (`cog build`, the Dockerfile, script/serve, the tests) needs it. They all make it the way the Cog
+CLI does: predict.py is read statically (static_reader.py, Cog's rules; it is never imported) and the
+document takes the shape of Cog's generator (replicate/cog pkg/schema/openapi_spec.go):
 
     python -m sdxl_cog.schema [--predictor predict.py:Predictor] [--out .cog/openapi_schema.json]
 
-The predictor is introspected with Cog's own inspector (the module is imported, setup() is not
-run) and the document follows the shape of Cog's generator (pkg/schema/openapi_spec.go): inputs
-as `components.schemas.Input` with `x-order`, choices as a separate enum schema named after the
-input and referenced through `allOf`, optionals as `nullable` with a null default.
+A predict.py that `cog build` could not read, or would read with part of its API lost, fails here too.
 """
 
+from __future__ import annotations
+
 import argparse
-import importlib.util
-import inspect
+import importlib.metadata
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
-from cog import _adt as adt
-from cog import _inspector
-from cog.input import FieldInfo
+from .static_reader import NO_DEFAULT, StaticInput, StaticPredictor, StaticSchemaError, read_predictor
 
 DEFAULT_PREDICTOR = "predict.py:Predictor"
 DEFAULT_OUT = Path(".cog/openapi_schema.json")
 OPENAPI_VERSION = "3.0.2"
-WEBHOOK_EVENTS = ["start", "output", "logs", "completed"]
 STATUSES = ["starting", "processing", "succeeded", "canceled", "failed"]
-
-_OPTIONAL = (adt.Repetition.OPTIONAL, adt.Repetition.OPTIONAL_REPEATED)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -38,46 +32,11 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def _title(name: str) -> str:
-    return name.replace("_", " ").title()
+    """Cog's TitleCase: split on underscores, capitalise the first letter of each part."""
+    return " ".join(part[:1].upper() + part[1:] for part in name.split("_"))
 
 
-def _number(value: float) -> int | float:
-    """The inspector turns every ge/le into a float; write 1.0 as 1, as Cog's Go generator does."""
-    return int(value) if float(value).is_integer() else value
-
-
-def load_predictor(ref: str) -> tuple[adt.PredictorInfo, Any]:
-    """Import `path/to/file.py:Class` the way coglet does (setup() is not run) and inspect it."""
-    path, _, class_name = ref.partition(":")
-    module_name = Path(path).stem
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load a predictor module from {path!r} (predictor ref {ref!r})")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    class_name = class_name or ("Runner" if hasattr(module, "Runner") else "Predictor")
-    with warnings.catch_warnings():
-        # BasePredictor/predict() still work; their deprecation warnings are noise here.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        info = _inspector.create_predictor(module_name, class_name)
-    return info, getattr(module, class_name)
-
-
-def _accepts(predictor: Any) -> dict[str, str]:
-    """`Input(accept=...)` per input name: the inspector drops it, Cog writes it as x-cog-accept."""
-    methods = [predictor]
-    if inspect.isclass(predictor):
-        methods = [getattr(predictor, name) for name in ("run", "predict") if hasattr(predictor, name)]
-    return {
-        name: param.default.accept
-        for method in methods
-        for name, param in inspect.signature(method).parameters.items()
-        if isinstance(param.default, FieldInfo) and param.default.accept
-    }
-
-
-def _input_property(field: adt.InputField, accept: str | None) -> tuple[dict, dict | None]:
+def _input_property(field: StaticInput) -> tuple[dict, dict | None]:
     """One property of the Input schema, plus the enum schema its choices need (if any)."""
     prop: dict[str, Any] = {"x-order": field.order}
     enum = None
@@ -86,44 +45,38 @@ def _input_property(field: adt.InputField, accept: str | None) -> tuple[dict, di
             "title": field.name,
             "description": "An enumeration.",
             "enum": list(field.choices),
-            "type": field.type.primitive.json_type()["type"],
+            "type": field.type.json_schema().get("type", "string"),
         }
         prop["allOf"] = [_ref(field.name)]
     else:
         prop["title"] = _title(field.name)
-        prop.update(field.type.json_type())
-
-    # `seed: int = Input(default=None)` is required in Cog: a None default only makes an input
-    # optional when its type is `X | None`. A Secret with a None default is Cog's one exception.
-    nullable = field.type.repetition in _OPTIONAL or (
-        field.type.primitive is adt.PrimitiveType.SECRET and field.default is None
-    )
+        prop.update(field.type.json_schema())
+    # A None default makes an input optional only when its type is `X | None` (`seed: int = Input(default=None)`
+    # is required in Cog); a Secret with a None default is Cog's one exception.
+    nullable = field.type.nullable or (field.type.primitive == "Secret" and field.default is None)
+    if field.default is not NO_DEFAULT and (field.default is not None or nullable):
+        prop["default"] = field.default
     if nullable:
-        prop["default"] = None
         prop["nullable"] = True
-    elif field.default is not None:
-        prop["default"] = field.type.json_encode(field.default)
-
     constraints = {
         "description": field.description,
-        "minimum": None if field.ge is None else _number(field.ge),
-        "maximum": None if field.le is None else _number(field.le),
+        "minimum": field.ge,
+        "maximum": field.le,
         "minLength": field.min_length,
         "maxLength": field.max_length,
         "pattern": field.regex,
         "deprecated": field.deprecated or None,
-        "x-cog-accept": accept,
+        "x-cog-accept": field.accept,
     }
     prop.update({key: value for key, value in constraints.items() if value is not None})
     return prop, enum
 
 
-def input_schemas(info: adt.PredictorInfo, predictor: Any = None) -> dict[str, dict]:
-    """`Input` and one enum schema per input with choices, keyed by component name."""
-    accepts = _accepts(predictor) if predictor is not None else {}
+def input_schemas(predictor: StaticPredictor) -> dict[str, dict]:
+    """`Input`, then one enum schema per input with choices, keyed by component name."""
     properties, required, enums = {}, [], {}
-    for field in sorted(info.inputs.values(), key=lambda f: f.order):
-        properties[field.name], enum = _input_property(field, accepts.get(field.name))
+    for field in predictor.inputs:
+        properties[field.name], enum = _input_property(field)
         if enum is not None:
             enums[field.name] = enum
         if "default" not in properties[field.name]:
@@ -134,24 +87,14 @@ def input_schemas(info: adt.PredictorInfo, predictor: Any = None) -> dict[str, d
     return {"Input": schema, **enums}
 
 
-def _api_schemas() -> dict[str, dict]:
-    """The request/response envelope coglet speaks, independent of the predictor."""
+def _envelope_schemas() -> dict[str, dict]:
+    """The request/response envelope, as Cog's generator writes it."""
     date_time = {"type": "string", "format": "date-time"}
     return {
         "PredictionRequest": {
             "title": "PredictionRequest",
             "type": "object",
-            "properties": {
-                "id": {"title": "Id", "type": "string"},
-                "input": _ref("Input"),
-                "webhook": {"title": "Webhook", "type": "string", "format": "uri"},
-                "webhook_events_filter": {
-                    "type": "array",
-                    "items": _ref("WebhookEvent"),
-                    "default": WEBHOOK_EVENTS,
-                },
-                "context": {"title": "Context", "type": "object"},
-            },
+            "properties": {"id": {"title": "Id", "type": "string"}, "input": _ref("Input")},
         },
         "PredictionResponse": {
             "title": "PredictionResponse",
@@ -164,14 +107,13 @@ def _api_schemas() -> dict[str, dict]:
                 "created_at": {"title": "Created At", **date_time},
                 "started_at": {"title": "Started At", **date_time},
                 "completed_at": {"title": "Completed At", **date_time},
-                "status": _ref("Status"),
+                "status": {"title": "Status", "type": "string"},
                 "error": {"title": "Error", "type": "string"},
-                "logs": {"title": "Logs", "type": "string", "default": ""},
+                "logs": {"title": "Logs", "type": "string"},
                 "metrics": {"title": "Metrics", "type": "object"},
             },
         },
-        "Status": _enum("Status", STATUSES),
-        "WebhookEvent": _enum("WebhookEvent", WEBHOOK_EVENTS),
+        "Status": {"title": "Status", "description": "An enumeration.", "enum": STATUSES, "type": "string"},
         "HTTPValidationError": {
             "title": "HTTPValidationError",
             "type": "object",
@@ -179,8 +121,8 @@ def _api_schemas() -> dict[str, dict]:
         },
         "ValidationError": {
             "title": "ValidationError",
-            "type": "object",
             "required": ["loc", "msg", "type"],
+            "type": "object",
             "properties": {
                 "loc": {
                     "title": "Location",
@@ -194,86 +136,69 @@ def _api_schemas() -> dict[str, dict]:
     }
 
 
-def _enum(name: str, values: list[str]) -> dict:
-    return {"title": name, "description": "An enumeration.", "enum": values, "type": "string"}
-
-
 def _json_response(schema: dict, description: str = "Successful Response") -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _operation(summary: str, operation_id: str, response: dict, **extra: Any) -> dict:
-    responses = {"200": _json_response(response)}
-    if extra.get("requestBody") or extra.get("parameters"):
-        responses["422"] = _json_response(_ref("HTTPValidationError"), "Validation Error")
-    return {"summary": summary, "operationId": operation_id, **extra, "responses": responses}
+VALIDATION_ERROR = _json_response(_ref("HTTPValidationError"), "Validation Error")
 
 
 def _paths() -> dict[str, dict]:
-    prediction_id = {
-        "name": "prediction_id",
-        "in": "path",
-        "required": True,
-        "schema": {"title": "Prediction ID", "type": "string"},
-    }
-    prefer = {"name": "prefer", "in": "header", "required": False, "schema": {"type": "string"}}
-    request_body = {"content": {"application/json": {"schema": _ref("PredictionRequest")}}}
-    response = _ref("PredictionResponse")
+    def plain_get(summary: str, operation_id: str) -> dict:
+        return {"get": {"summary": summary, "operationId": operation_id, "responses": {"200": _json_response({})}}}
+
     return {
-        "/": {"get": _operation("Root", "root__get", {})},
-        "/health-check": {"get": _operation("Healthcheck", "healthcheck_health_check_get", {})},
+        "/": plain_get("Root", "root__get"),
+        "/health-check": plain_get("Healthcheck", "healthcheck_health_check_get"),
         "/predictions": {
-            "post": _operation(
-                "Predict",
-                "predict_predictions_post",
-                response,
-                description="Run a single prediction on the model",
-                parameters=[prefer],
-                requestBody=request_body,
-            )
-        },
-        "/predictions/{prediction_id}": {
-            "put": _operation(
-                "Predict Idempotent",
-                "predict_idempotent_predictions__prediction_id__put",
-                response,
-                description="Run a single prediction on the model (idempotent creation).",
-                parameters=[prediction_id, prefer],
-                requestBody={**request_body, "required": True},
-            )
+            "post": {
+                "summary": "Predict",
+                "description": "Run a single prediction on the model",
+                "operationId": "predict_predictions_post",
+                "requestBody": {"content": {"application/json": {"schema": _ref("PredictionRequest")}}},
+                "responses": {"200": _json_response(_ref("PredictionResponse")), "422": VALIDATION_ERROR},
+            }
         },
         "/predictions/{prediction_id}/cancel": {
-            "post": _operation(
-                "Cancel",
-                "cancel_predictions__prediction_id__cancel_post",
-                {},
-                parameters=[prediction_id],
-            )
+            "post": {
+                "summary": "Cancel",
+                "operationId": "cancel_predictions__prediction_id__cancel_post",
+                "parameters": [
+                    {
+                        "required": True,
+                        "schema": {"title": "Prediction Id", "type": "string"},
+                        "name": "prediction_id",
+                        "in": "path",
+                    }
+                ],
+                "responses": {"200": _json_response({}), "422": VALIDATION_ERROR},
+            }
         },
-        "/shutdown": {"post": _operation("Start Shutdown", "start_shutdown_shutdown_post", {})},
     }
 
 
-def build_schema(info: adt.PredictorInfo, predictor: Any = None) -> dict:
-    """The complete OpenAPI document for a predictor."""
-    schemas = input_schemas(info, predictor)
-    fixed = {"Output": info.output.json_type(), **_api_schemas()}
-    if clash := sorted(schemas.keys() & fixed.keys()):
+def build_schema(predictor_ref: str = DEFAULT_PREDICTOR) -> dict:
+    """The complete OpenAPI document for `path/to/predict.py:Class`, read statically."""
+    path, _, class_name = predictor_ref.partition(":")
+    predictor = read_predictor(path, class_name or "Predictor")
+    schemas = input_schemas(predictor)
+    envelope = {"Output": predictor.output, **_envelope_schemas()}
+    if clash := sorted(schemas.keys() & envelope.keys()):
         # Cog names each choices enum after its input, so an input called e.g. "Status" would
         # silently replace the envelope's schema of the same name.
-        raise ValueError(f"input names clash with Cog's schema names: {', '.join(clash)}")
-    schemas.update(fixed)
+        raise StaticSchemaError(f"input names clash with Cog's schema names: {', '.join(clash)}")
     return {
         "openapi": OPENAPI_VERSION,
-        "info": {"title": "Cog", "version": "0.1.0"},
+        # Cog writes its own version here; the SDK pinned in requirements.txt and cog.yaml is that version.
+        "info": {"title": "Cog", "version": importlib.metadata.version("cog")},
         "paths": _paths(),
-        "components": {"schemas": schemas},
+        "components": {"schemas": {"Input": schemas.pop("Input"), "Output": envelope.pop("Output"), **schemas, **envelope}},
     }
 
 
 def write_schema(ref: str = DEFAULT_PREDICTOR, out: Path = DEFAULT_OUT) -> Path:
-    """Inspect the predictor behind `ref` and write its schema to `out`; returns `out`."""
-    schema = build_schema(*load_predictor(ref))
+    """Read the predictor behind `ref` and write its schema to `out`; returns `out`."""
+    schema = build_schema(ref)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(schema, indent=2) + "\n")
@@ -281,13 +206,13 @@ def write_schema(ref: str = DEFAULT_PREDICTOR, out: Path = DEFAULT_OUT) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--predictor", default=DEFAULT_PREDICTOR, help="path.py:Class")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the schema")
+    parser = argparse.ArgumentParser(prog="python -m sdxl_cog.schema", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--predictor", default=DEFAULT_PREDICTOR, help="path.py:Class (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write it (default: %(default)s)")
     args = parser.parse_args(argv)
-    out = write_schema(args.predictor, args.out)
+    try:
+        out = write_schema(args.predictor, args.out)
+    except StaticSchemaError as e:
+        # The words `cog build` uses when its parser stops.
+        sys.exit(f"ERROR: image build failed: {e}")
     print(f"wrote the OpenAPI schema of {args.predictor} to {out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()
