@@ -18,12 +18,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import piexif
+import piexif.helper
 from PIL import Image
 
-EXIF_IFD = 0x8769
-EXIF_USER_COMMENT = 0x9286
-# The EXIF UserComment header for UTF-16 text (EXIF 2.3, section 4.6.5); A1111 writes the same.
-USER_COMMENT_UNICODE = b"UNICODE\x00"
 # PNG stays lossless, and its encode sits on every request's critical path. Pillow's encoder tries four
 # filters on every row and keeps the best, which alone costs ~60 ms for a 1024px image and cannot be
 # turned off. OpenCV's libpng encoder takes a fixed filter: the Up filter with zlib level 1 and the
@@ -52,10 +50,11 @@ def parameters_text(prompt: str, negative_prompt: str, fields: dict[str, object]
     return "\n".join(lines)
 
 
-def _exif_with_comment(text: str) -> Image.Exif:
-    exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + text.encode("utf-16-be")
-    return exif
+def _exif_with_comment(text: str) -> bytes:
+    """EXIF holding `text` as UserComment: type UNDEFINED with the UNICODE header (EXIF 2.3, 4.6.5), written by
+    piexif, the library AUTOMATIC1111 and most SD tools read it back with."""
+    comment = piexif.helper.UserComment.dump(text, encoding="unicode")
+    return piexif.dump({"Exif": {piexif.ExifIFD.UserComment: comment}})
 
 
 def png_text_chunk(keyword: str, text: str) -> bytes:
@@ -98,12 +97,12 @@ OUTPUT_FORMATS = list(ENCODERS)
 
 
 def read_parameters(path: Path) -> str:
-    """The embedded parameters of a file written by `encode_all` (used by tests and tools)."""
+    """The embedded parameters of a file written by `encode_all`, read back as AUTOMATIC1111's PNG Info does."""
     with Image.open(path) as img:
         if "parameters" in img.info:
             return img.info["parameters"]
-        comment = img.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT, b"")
-    return comment[len(USER_COMMENT_UNICODE) :].decode("utf-16-be")
+        exif = img.info.get("exif", b"")
+    return piexif.helper.UserComment.load(piexif.load(exif)["Exif"][piexif.ExifIFD.UserComment])
 
 
 # coglet 0.23 leaves empty inputs/ and outputs/ directories per prediction under this fixed path

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import piexif
+import piexif.helper
 import pytest
 from PIL import Image
 
@@ -47,6 +49,31 @@ def test_each_image_carries_its_own_parameters(images, tmp_path, fmt):
     assert [p.name for p in paths] == [f"tag-{i}.{fmt}" for i in range(3)]
     assert [read_parameters(p) for p in paths] == texts
     assert texts[2] == "a prompt ü\nSeed: 2, Steps: 30"
+
+
+def a1111_png_info(path) -> str:
+    """AUTOMATIC1111's reading of a file's parameters (modules/images.py, read_info_from_image), step by step."""
+    with Image.open(path) as image:
+        items = dict(image.info)
+    if "parameters" in items:
+        return items["parameters"]
+    exif = piexif.load(items["exif"])
+    comment = exif.get("Exif", {}).get(piexif.ExifIFD.UserComment, b"")
+    try:
+        return piexif.helper.UserComment.load(comment)
+    except ValueError:
+        return comment.decode("utf8", errors="ignore")  # A1111's fallback: mangled text, not the parameters
+
+
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
+@pytest.mark.parametrize("prompt", ["an astronaut, 50% lighter", "宇宙飛行士 🦄 on a unicorn"])
+def test_a1111_reads_the_parameters_of_every_format(images, tmp_path, fmt, prompt):
+    text = parameters_text(prompt, "blurry", {"Steps": 30, "Seed": 7, "Size": "96x64"})
+    (path,) = encode_all(images[:1], [text], tmp_path, "tag", fmt, 80)
+    assert a1111_png_info(path) == text
+    if fmt != "png":
+        comment = piexif.load(Image.open(path).info["exif"])["Exif"][piexif.ExifIFD.UserComment]
+        assert isinstance(comment, bytes) and comment.startswith(b"UNICODE\0")  # type UNDEFINED, as EXIF 2.3 says
 
 
 def test_only_old_empty_runtime_directories_are_swept(tmp_path):
