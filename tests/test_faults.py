@@ -14,7 +14,8 @@ from sdxl_cog.errors import InputError
 from sdxl_cog.memory import GIB, MemoryBudget
 from sdxl_cog.service import SDXLService
 from sdxl_cog.testing.cog_server import CogServer
-from sdxl_cog.weights.layout import WeightsError
+from sdxl_cog.testing.synthetic import make_weights
+from sdxl_cog.weights.layout import WeightsError, read_manifest
 from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, make_request, pixels
 
 UNET_FILE = "base/unet/diffusion_pytorch_model.fp16.safetensors"
@@ -60,6 +61,25 @@ def test_truncated_weights_fail_setup_naming_the_file(settings, weights_copy):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(WeightsError, match=rf"{UNET_FILE} has \d+ bytes, the manifest says \d+"):
         SDXLService(dataclasses.replace(settings, weights_dir=weights_copy))
+
+
+def test_files_beside_the_weights_never_break_setup(settings, tmp_path):
+    """weights/ holds a committed README and may hold an operator's loras/: the manifest covers neither."""
+    root = tmp_path / "weights"
+    root.mkdir()
+    (root / "README.md").write_text("what this folder is\n")
+    make_weights(root)
+    assert not [name for name in read_manifest(root)["files"] if name.startswith(("README", "loras"))]
+    (root / "README.md").write_text("edited after the download, and much longer than before\n" * 20)
+    (root / "loras").mkdir()
+    (root / "loras" / "style.safetensors").write_bytes(b"an operator's LoRA")
+    (root / "NOTES.txt").write_text("added later")
+    service = SDXLService(dataclasses.replace(settings, weights_dir=root, verify_weights_hash=True))
+    assert service.models is not None
+    path = root / UNET_FILE
+    path.write_bytes(path.read_bytes()[:-100])  # a changed weight still fails
+    with pytest.raises(WeightsError, match=rf"{UNET_FILE} has \d+ bytes, the manifest says \d+"):
+        SDXLService(dataclasses.replace(settings, weights_dir=root))
 
 
 def test_tampered_weights_are_caught_by_the_full_hash_check(settings, weights_copy):

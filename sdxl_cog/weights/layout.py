@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
@@ -58,18 +57,13 @@ REQUIRED_FILES = (
 )
 
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
-# Files that may sit in weights/ without being weights (the committed README explaining the folder).
-NOT_WEIGHTS = {MANIFEST_NAME, "README.md"}
+# The manifest covers these folders only: whatever else sits in weights/ (its README, an operator's
+# loras/ or notes) is not a weight, and editing it must never fail setup.
+PART_DIRS = (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR)
 
 
 class WeightsError(RuntimeError):
     """The weights directory is missing, incomplete or corrupt. The message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    size: int
-    sha256: str
 
 
 def sha256_of(path: Path) -> str:
@@ -81,11 +75,13 @@ def sha256_of(path: Path) -> str:
 
 
 def _weight_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and ".cache" not in p.parts)
+    """The weights and their configs: every file of the model parts, less download staging (.cache)."""
+    files = (p for part in PART_DIRS for p in (root / part).rglob("*"))
+    return sorted(p for p in files if p.is_file() and ".cache" not in p.relative_to(root).parts)
 
 
 def write_manifest(root: Path, sources: dict[str, str]) -> dict:
-    """Hash every file under `root` and write manifest.json; `sources` records where each part came from."""
+    """Hash every weight file under `root` and write manifest.json; `sources` records where each part came from."""
     files = {
         p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in _weight_files(root)
     }
