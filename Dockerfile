@@ -10,9 +10,9 @@
 # weights, code. A code change rebuilds and re-pushes only the last, small layers; the weights layer
 # stays byte-identical, so registries and nodes that have it never fetch it again.
 
-# Python 3.12 (cog.yaml's python_version). CUDA comes with torch's cu130 wheels (the nvidia-* packages)
+# Python 3.12 (cog.yaml's python_version). CUDA comes with torch's cu126 wheels (the nvidia-* packages)
 # and the driver from the host, through the NVIDIA container toolkit (`--gpus all`). Any Debian or
-# Ubuntu base works, e.g. nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04; the container test uses a bare
+# Ubuntu base works, e.g. nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04; the container test uses a bare
 # Debian (script/build-base-rootfs) with the CPU wheel.
 ARG BASE_IMAGE=python:3.12-slim-bookworm
 
@@ -68,7 +68,7 @@ RUN set -eu; \
 #    FIND_LINKS names a directory of wheels mounted into the build (a local torch build, a CI wheel
 #    cache) that pip looks in besides the indexes. A CA bundle for pip behind a TLS-intercepting
 #    proxy can come in as the build secret "ca".
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG TORCH_VERSION=
 ARG FIND_LINKS=
 COPY requirements.txt /tmp/requirements.txt

@@ -1,5 +1,7 @@
 # Build and push the image (with buildah if installed, else docker), run the tests and linters.
 #
+#   make cog-build                               # `cog build --separate-weights`, after script/cog-build-check
+#   make cog-push MODEL=r8.im/USER/sdxl          # `cog push --separate-weights`, likewise
 #   make image                                   # $(IMAGE):$(TAG) from the Dockerfile (CUDA torch)
 #   make push REGISTRY=registry.example.com/ml   # builds, then pushes $(REGISTRY)/$(IMAGE):$(TAG)
 #   make test
@@ -22,11 +24,17 @@ CA_BUNDLE ?=
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python)
 
 # Labels here rather than in the Dockerfile: a new commit then changes the image's config, no layer.
+# The run.cog.* labels are the ones `cog build` adds (sdxl_cog/schema/image_labels.py): the Cog CLI and
+# registries recognise a model image, and read its API, by them.
+COG_LABELS_DIR = build/cog
 BUILD_ARGS = --label org.opencontainers.image.version=$(TAG) --label org.opencontainers.image.revision=$(REVISION) \
+	--label "run.cog.version=$$(cat $(COG_LABELS_DIR)/version)" \
+	--label "run.cog.config=$$(cat $(COG_LABELS_DIR)/config.json)" \
+	--label "run.cog.openapi_schema=$$(cat $(COG_LABELS_DIR)/openapi_schema.json)" \
 	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
 comma := ,
 
-.PHONY: image push test lint
+.PHONY: image push test lint cog-build cog-push
 
 ifneq ($(filter push,$(MAKECMDGOALS)),)
 ifeq ($(REGISTRY),)
@@ -37,6 +45,7 @@ endif
 # buildah writes Docker format, not OCI: an OCI image config has no HEALTHCHECK.
 image:
 	@test -n "$(BUILDER)" || { echo "make image needs buildah or docker on PATH" >&2; exit 1; }
+	$(PYTHON) -m sdxl_cog.schema.image_labels --out-dir $(COG_LABELS_DIR)
 ifeq ($(BUILDER),buildah)
 	$(BUILDAH) bud --layers --format docker $(BUILD_ARGS) $(BUILD_FLAGS) -t $(IMAGE):$(TAG) .
 else
@@ -50,6 +59,18 @@ else
 	$(DOCKER) tag $(IMAGE):$(TAG) $(REGISTRY)/$(IMAGE):$(TAG)
 	$(DOCKER) push $(PUSH_FLAGS) $(REGISTRY)/$(IMAGE):$(TAG)
 endif
+
+# With the Cog CLI: weights in layers of their own, so a code change re-pushes only the code layers.
+COG ?= cog
+MODEL ?=
+cog-build:
+	script/cog-build-check
+	$(COG) build --separate-weights -t $(IMAGE)
+
+cog-push:
+	@test -n "$(MODEL)" || { echo "usage: make cog-push MODEL=r8.im/USER/MODEL" >&2; exit 2; }
+	script/cog-build-check
+	$(COG) push $(MODEL) --separate-weights
 
 test:
 	$(PYTHON) -m pytest -q tests

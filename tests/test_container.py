@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from PIL import Image
 
 from sdxl_cog.testing.cog_server import free_port
@@ -333,6 +334,16 @@ def test_image_config_matches_what_cog_build_makes(first_build):
     assert config["Healthcheck"]["Test"] == ["CMD", "python", "/src/deploy/probe.py", "serving"]
     assert config["Labels"]["org.opencontainers.image.revision"] == first_build.tag
     assert config["Labels"]["org.opencontainers.image.title"]
+
+
+def test_the_image_carries_the_labels_cog_build_adds(first_build, server):
+    """`cog predict IMAGE` needs run.cog.config; registries read the API from run.cog.openapi_schema."""
+    url, container, port = server
+    labels = first_build.config["config"]["Labels"]
+    assert json.loads(labels["run.cog.config"]) == yaml.safe_load((REPO_ROOT / "cog.yaml").read_text())
+    assert labels["run.cog.version"] == metadata.version("cog")
+    assert json.loads(labels["run.cog.openapi_schema"]) == requests.get(f"{url}/openapi.json", timeout=10).json()
+    assert labels["run.cog.has_init"] == "true"
 
 
 def test_the_image_serves_predictions_and_validates_inputs(workspace, first_build, server):

@@ -48,3 +48,27 @@ def test_each_shipped_script_runs_without_tests(shipped_tree, script):
     assert done.returncode == 0, output
     assert "usage" in output.lower(), output
     assert "No module named" not in output
+
+
+def sparse_file(path: Path, size: int = 11 * 1024 * 1024) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def test_cog_build_check_names_what_separate_weights_would_break(tmp_path):
+    """Cog's --separate-weights walk (weightslegacy.FindWeights, read from its source) ignores .dockerignore."""
+    sparse_file(tmp_path / "weights/base/unet/diffusion_pytorch_model.fp16.safetensors")
+    sparse_file(tmp_path / ".venv/lib/python3.12/site-packages/torch/lib/libtorch_cpu.so")
+    sparse_file(tmp_path / "sdxl_cog/bundled.bin")  # beside code: Cog leaves it in the code layer
+    (tmp_path / "sdxl_cog/module.py").write_text("")
+    sparse_file(tmp_path / "outputs/big.png")  # images are never weights
+    check = [REPO_ROOT / "script" / "cog-build-check", str(tmp_path)]
+    done = subprocess.run(check, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert ".venv/lib/python3.12/site-packages/torch/lib/" in done.stderr
+    assert "weights/" not in done.stderr.split("\n", 1)[1].split("Move")[0]
+    assert "sdxl_cog" not in done.stderr and "outputs" not in done.stderr
+    shutil.rmtree(tmp_path / ".venv")
+    done = subprocess.run(check, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -192,7 +192,9 @@ def build_schema(predictor_ref: str = DEFAULT_PREDICTOR) -> dict:
         # Cog writes its own version here; the SDK pinned in requirements.txt and cog.yaml is that version.
         "info": {"title": "Cog", "version": importlib.metadata.version("cog")},
         "paths": _paths(),
-        "components": {"schemas": {"Input": schemas.pop("Input"), "Output": envelope.pop("Output"), **schemas, **envelope}},
+        "components": {
+            "schemas": {"Input": schemas.pop("Input"), "Output": envelope.pop("Output"), **schemas, **envelope}
+        },
     }
 
 
