@@ -4,7 +4,8 @@
 #   make cog-push MODEL=r8.im/USER/sdxl          # `cog push --separate-weights`, likewise
 #   make image                                   # $(IMAGE):$(TAG) from the Dockerfile (CUDA torch)
 #   make push REGISTRY=registry.example.com/ml   # builds, then pushes $(REGISTRY)/$(IMAGE):$(TAG)
-#   make test
+#   make test                                    # the whole suite (what CI runs)
+#   make test-fast                               # the engine tier only
 #   make lint
 #
 # Dockerfile build arguments go in BUILD_FLAGS, e.g. a CPU image:
@@ -34,7 +35,7 @@ BUILD_ARGS = --label org.opencontainers.image.version=$(TAG) --label org.opencon
 	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
 comma := ,
 
-.PHONY: image push test lint cog-build cog-push
+.PHONY: image push test test-fast lint cog-build cog-push
 
 ifneq ($(filter push,$(MAKECMDGOALS)),)
 ifeq ($(REGISTRY),)
@@ -74,6 +75,10 @@ cog-push:
 
 test:
 	$(PYTHON) -m pytest -q tests
+
+# The engine tier only: no server subprocesses, no image builds.
+test-fast:
+	$(PYTHON) -m pytest -q -m engine tests
 
 lint:
 	$(PYTHON) -m ruff check .

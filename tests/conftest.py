@@ -85,3 +85,13 @@ def service(settings) -> SDXLService:
 def weights_copy(tiny_weights, tmp_path) -> Path:
     """A private copy of the tiny weights that a test may alter."""
     return Path(shutil.copytree(tiny_weights, tmp_path / "weights"))
+
+
+def pytest_collection_modifyitems(items):
+    """Tiers a developer can choose (`make test-fast` runs the engine tier): a module that starts the real Cog
+    server (it imports the CogServer harness) is in the server tier, every other one not marked container is
+    in the engine tier. Classifying by what the module does keeps a new test file from escaping its tier."""
+    for item in items:
+        if item.get_closest_marker("container"):
+            continue
+        item.add_marker(pytest.mark.server if hasattr(item.module, "CogServer") else pytest.mark.engine)
