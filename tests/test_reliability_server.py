@@ -368,9 +368,7 @@ def test_short_soak_has_no_failure_and_bounded_growth(server, scratch, tmp_path)
     assert report["worker_rss_growth_mb"] is not None
     # Raw 409s are reported apart from failures, in the summary and the JSON report.
     assert report["posts"] == 20 + report["raw_409s"]
-    assert (
-        "Raw 409s (not failures" in done.stdout and f"{report['raw_409s']} of {report['posts']} POSTs" in done.stdout
-    )
+    assert "Raw 409s (not failures" in done.stdout and f"{report['raw_409s']} of {report['posts']} POSTs" in done.stdout
 
 
 def test_short_fuzz_run_finds_no_server_error_and_leaves_the_worker_alive(server, tmp_path):
