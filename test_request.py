@@ -48,6 +48,13 @@ class RequestError(Exception):
     """Anything that ends the run with a message and a non-zero exit."""
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -63,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait")
     parser.add_argument(
         "--busy-wait",
-        type=float,
+        type=seconds,
         default=DEFAULT_BUSY_WAIT_S,
         metavar="SECONDS",
         help=f"retry a busy server (HTTP 409) for up to this long (default {DEFAULT_BUSY_WAIT_S})",

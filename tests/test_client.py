@@ -270,3 +270,10 @@ def test_a_dead_worker_is_reported_at_once_not_retried(tmp_path):
     assert "HTTP 409" in done.stderr
     assert "its health is UNHEALTHY, which Cog never leaves: restart it" in done.stderr
     assert "sent again" not in done.stderr and "still busy" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
+def test_busy_wait_must_be_seconds(value, capsys):
+    with pytest.raises(SystemExit):
+        client.parse_args(["--busy-wait", value])
+    assert "--busy-wait" in capsys.readouterr().err
