@@ -6,15 +6,23 @@
 
 `-i key=value` values are converted to the input's type from the server's /openapi.json;
 `@path` sends the file as a data: URI. Exits non-zero, with the server's message, when the
-prediction fails, the input is rejected (422), the server is busy (409) or cannot be reached.
+prediction fails, the input is rejected (422), the server stays busy (409) or cannot be reached.
+
+A 409 means "busy, try again": Cog runs one prediction at a time and, even for a client that waits
+for each answer, frees its slot a moment after the response, so the next request can land in that
+moment. The request is sent again with exponential backoff and jitter for up to --busy-wait seconds
+(--no-retry: never); the retries and the time they took are printed.
 """
 
 import argparse
 import base64
 import json
 import mimetypes
+import random
 import sys
+import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +32,27 @@ DEFAULT_URL = "http://localhost:5000"
 # SDXL at 1024px with the refiner takes minutes on a slow GPU, far longer on CPU.
 DEFAULT_TIMEOUT_S = 1800
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# How long a 409 is retried by default: long enough to ride out coglet's slot release after a response
+# (milliseconds) and a short prediction of another client, short enough to report a server that is
+# busy for good (a long generation, a dead worker) within half a minute.
+DEFAULT_BUSY_WAIT_S = 30
+# Backoff between retries: the first waits 25-50 ms (coglet's slot is usually back within a few ms), each
+# later one twice as long up to a 2-4 s cap, so a 30 s wait is about a dozen requests, not hundreds.
+FIRST_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 4.0
+# Health states from which Cog never recovers without a restart: retrying a 409 then only wastes time.
+DEAD_STATES = {"SETUP_FAILED", "DEFUNCT", "UNHEALTHY"}
 
 
 class RequestError(Exception):
     """Anything that ends the run with a message and a non-zero exit."""
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,6 +68,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the Cog server (default {DEFAULT_URL})")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait")
+    parser.add_argument(
+        "--busy-wait",
+        type=seconds,
+        default=DEFAULT_BUSY_WAIT_S,
+        metavar="SECONDS",
+        help=f"retry a busy server (HTTP 409) for up to this long (default {DEFAULT_BUSY_WAIT_S})",
+    )
+    parser.add_argument(
+        "--no-retry", dest="busy_wait", action="store_const", const=0, help="report a 409 at once, never retry it"
+    )
     parser.add_argument("--logs", action="store_true", help="print the prediction's logs")
     parser.add_argument("--health", action="store_true", help="print /health-check and exit")
     return parser.parse_args(argv)
@@ -131,6 +166,51 @@ def check_response(response: requests.Response) -> dict:
     return response.json()
 
 
+@dataclass
+class BusyRetries:
+    """What riding out 409s cost one request: how many times it was sent again, and the seconds that took."""
+
+    retries: int = 0
+    waited_s: float = 0.0
+
+    def __str__(self) -> str:
+        return f"server busy (HTTP 409): sent again {self.retries} time(s), waited {self.waited_s:.2f} s in all"
+
+
+def backoff_s(retry: int) -> float:
+    """Exponential backoff with equal jitter: half the step is fixed, so no retry goes out at once."""
+    step = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**retry)
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def health_status(url: str) -> str | None:
+    try:
+        return request("GET", f"{url}/health-check", timeout=10).json().get("status")
+    except (RequestError, ValueError):
+        return None
+
+
+def post_prediction(url: str, body: dict, timeout: float, busy_wait_s: float) -> tuple[requests.Response, BusyRetries]:
+    """POST /predictions, sending it again while the server answers 409, for up to `busy_wait_s` seconds.
+
+    Returns the first answer that is not a 409, or the last 409 once the wait is spent (or at once when
+    `busy_wait_s` is 0), with the retries it took.
+    """
+    busy = BusyRetries()
+    started = time.monotonic()
+    while True:
+        response = request("POST", f"{url}/predictions", json=body, timeout=timeout)
+        if response.status_code != 409:
+            return response, busy
+        left = busy_wait_s - (time.monotonic() - started)
+        if left <= 0 or health_status(url) in DEAD_STATES:
+            busy.waited_s = time.monotonic() - started
+            return response, busy
+        time.sleep(min(backoff_s(busy.retries), left))
+        busy.retries += 1
+        busy.waited_s = time.monotonic() - started
+
+
 def output_files(output: Any) -> list[str]:
     """The data: URIs and URLs in an output (a value, a list, or an object of them)."""
     if isinstance(output, dict):
@@ -175,7 +255,12 @@ def predict(args: argparse.Namespace) -> None:
     if types is None:
         print("warning: no /openapi.json; sending -i values as JSON literals", file=sys.stderr)
     body = {"input": build_input(args.input, types)}
-    prediction = check_response(request("POST", f"{args.url}/predictions", json=body, timeout=args.timeout))
+    response, busy = post_prediction(args.url, body, args.timeout, args.busy_wait)
+    if response.status_code == 409:
+        raise RequestError(busy_message(args.url, response, busy, args.busy_wait))
+    if busy.retries:
+        print(busy, file=sys.stderr)
+    prediction = check_response(response)
     if args.logs and prediction.get("logs"):
         print(prediction["logs"].rstrip())
     if prediction.get("status") != "succeeded":
@@ -185,6 +270,19 @@ def predict(args: argparse.Namespace) -> None:
     if not output_files(prediction.get("output")):
         print(json.dumps(prediction.get("output"), indent=2))
     print("metrics: " + json.dumps(prediction.get("metrics", {}), indent=2))
+
+
+def busy_message(url: str, response: requests.Response, busy: BusyRetries, busy_wait_s: float) -> str:
+    answer = response.text.strip()
+    status = health_status(url)
+    if status in DEAD_STATES:
+        return f"server busy (HTTP 409): {answer}; its health is {status}, which Cog never leaves: restart it"
+    if busy_wait_s <= 0:
+        return f"server busy (HTTP 409): {answer} (not retried: --no-retry)"
+    return (
+        f"server still busy (HTTP 409) after {busy.retries} retries over {busy.waited_s:.1f} s: {answer}; "
+        f"try again later or wait longer (--busy-wait SECONDS)"
+    )
 
 
 def health(url: str) -> None:

@@ -3,8 +3,10 @@ and by client disconnect) within a denoising step and without leaking state, 409
 disturbing the running prediction, bad images refused cleanly, and short runs of script/soak and
 script/fuzz against the same server.
 
-Figures worth reporting (time from cancel to READY, steps after the cancel, soak memory) are printed;
-see them with `pytest -s` or `-rP`.
+Figures worth reporting (time from cancel to READY, steps after the cancel, soak memory, raw 409s) are
+printed; see them with `pytest -s` or `-rP`. Requests go out as soon as the previous answer arrived, with no
+wait for READY in between: coglet frees its slot just after a response, so some get a raw 409 (README,
+"Known runtime behaviour"). Those are sent again, counted apart from failures and printed at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from tests.test_lora import _lora_state_dict
 
 READY_TIMEOUT_S = 300
 PREDICT_TIMEOUT_S = 300
+# How long a request refused with 409 is sent again: the slot comes back within milliseconds.
+BUSY_WAIT_S = 10
 # The image every leak check compares against: cheap, seeded, with the default sampler and watermark.
 REFERENCE = {"prompt": "a red fox in the snow", "width": 256, "height": 256, "num_inference_steps": 3, "seed": 1234}
 # Long enough (a few tenths of a second per step on 2 cores) to still be denoising when cancelled.
@@ -124,7 +128,12 @@ def server(tiny_weights, lora_path, scratch):
         "TMPDIR": str(scratch / "tmp"),
     }
     with CogServer(cwd=REPO_ROOT, env=env, ready_timeout=READY_TIMEOUT_S, log_path=scratch / "server.log") as running:
+        running.requests_sent, running.raw_409s = 0, 0
         yield running
+        print(
+            f"\nRaw 409s (coglet's slot released after the response; each sent again, not failures): "
+            f"{running.raw_409s} of {running.requests_sent} requests"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -139,18 +148,29 @@ def reference(server) -> np.ndarray:
     return image_of(predict(server, **REFERENCE))
 
 
+def send(server, method: str, path: str, **kwargs) -> requests.Response:
+    """A request sent at once, and again while coglet answers 409 (for up to BUSY_WAIT_S); each 409 counted."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        server.requests_sent += 1
+        response = requests.request(method, f"{server.url}{path}", **kwargs)
+        if response.status_code != 409 or time.monotonic() > deadline:
+            return response
+        server.raw_409s += 1
+        server.wait_for_status("READY", BUSY_WAIT_S)
+
+
 def predict(server, **inputs) -> dict:
-    """A sync prediction; coglet may answer 409 for a moment after the previous response, so wait for READY."""
-    server.wait_for_status("READY", 10)
-    response = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=PREDICT_TIMEOUT_S)
+    response = send(server, "POST", "/predictions", json={"input": inputs}, timeout=PREDICT_TIMEOUT_S)
     assert response.status_code == 200, response.text
     return response.json()
 
 
 def start_async(server, webhooks, prediction_id: str, **inputs) -> None:
-    server.wait_for_status("READY", 10)
-    response = requests.put(
-        f"{server.url}/predictions/{prediction_id}",
+    response = send(
+        server,
+        "PUT",
+        f"/predictions/{prediction_id}",
         json={"input": inputs, "webhook": webhooks.url, "webhook_events_filter": ["start", "logs", "completed"]},
         headers={"Prefer": "respond-async"},
         timeout=30,
@@ -346,6 +366,9 @@ def test_short_soak_has_no_failure_and_bounded_growth(server, scratch, tmp_path)
     report = json.loads(report_path.read_text())
     assert report["failures"] == 0 and report["final_health"] == "READY"
     assert report["worker_rss_growth_mb"] is not None
+    # Raw 409s are reported apart from failures, in the summary and the JSON report.
+    assert report["posts"] == 20 + report["raw_409s"]
+    assert "Raw 409s (not failures" in done.stdout and f"{report['raw_409s']} of {report['posts']} POSTs" in done.stdout
 
 
 def test_short_fuzz_run_finds_no_server_error_and_leaves_the_worker_alive(server, tmp_path):
