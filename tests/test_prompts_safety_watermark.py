@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from PIL import Image
 
 from sdxl_cog.config import WATERMARK_MIN_SIDE
+from sdxl_cog.errors import InputError
 from sdxl_cog.prompts import encode_prompts
 from sdxl_cog.service import SDXLService
 from sdxl_cog.testing.synthetic import set_safety_checker_flags_everything
@@ -79,8 +81,6 @@ def test_watermark_is_readable_and_switching_it_off_never_leaks(service, setting
     assert not has_watermark(predict_image(service, unmarked, **size))
     # A request that turns it off and then fails must not leave it off for the next one.
     outside = str(settings.lora_cache_dir.parent / "elsewhere.safetensors")
-    try:
+    with pytest.raises(InputError, match="outside the allowed directories"):
         service.predict(make_request(**size), unmarked, outside, 0.6)
-    except ValueError:
-        pass
     assert has_watermark(predict_image(service, marked, **size))
