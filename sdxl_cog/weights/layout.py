@@ -22,6 +22,8 @@ import json
 import os
 from pathlib import Path
 
+from .atomic import atomic_target
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 FIX_COMMAND = "script/download-weights (or script/make-test-weights DIR for synthetic test weights)"
@@ -86,9 +88,8 @@ def write_manifest(root: Path, sources: dict[str, str]) -> dict:
         p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in _weight_files(root)
     }
     manifest = {"format": MANIFEST_FORMAT, "sources": sources, "files": files}
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, root / MANIFEST_NAME)
+    with atomic_target(root / MANIFEST_NAME) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 
