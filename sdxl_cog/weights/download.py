@@ -23,8 +23,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .convert import convert_single_file, convert_weights
-from .url_download import fetch_url, hf_auth_headers
-from .sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
 from .layout import (
     BASE_DIR,
     MANIFEST_NAME,
@@ -37,6 +35,8 @@ from .layout import (
     verify,
     write_manifest,
 )
+from .sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
+from .url_download import fetch_url, hf_auth_headers
 
 logger = logging.getLogger(__name__)
 
