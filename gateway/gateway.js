@@ -9,7 +9,9 @@
 //   - webhooks, which make the server call out.
 // And what coglet does wrong for a client that waits its turn: it answers 409 while its only slot
 // is busy, even in the moment after it sent the previous response. The gateway waits for the slot
-// (bounded) instead.
+// (bounded) instead. coglet also has no GET /predictions/{id}: for an async request without a
+// webhook the gateway gives coglet its own events listener as the webhook, keeps the latest state
+// in a file and answers GET /predictions/{id} from it (to the key that started it).
 
 const crypto = require('crypto');
 const fs = require('fs');
@@ -29,6 +31,10 @@ const POLL_MS = 50;
 const QUEUE_RETRY_AFTER_S = 5;
 // States in which waiting cannot help: only a restart does.
 const DEAD_STATES = ['SETUP_FAILED', 'DEFUNCT', 'UNHEALTHY'];
+const TERMINAL_STATUSES = ['succeeded', 'failed', 'canceled'];
+// How long an async prediction's state stays readable: long enough to collect, short enough that
+// images do not pile up in the gateway's run directory.
+const STATE_KEEP_MS = 3600 * 1000;
 
 function sendJson(r, status, error, headers) {
     r.headersOut['Content-Type'] = 'application/json';
@@ -117,6 +123,11 @@ function clientId(r) {
         return 'key:' + sha256(key).slice(0, 16);
     }
     return 'addr:' + r.remoteAddress;
+}
+
+// Who may read an async prediction back: the digest of the key that started it.
+function ownerToken(r) {
+    return 'key:' + sha256(presentedKey(r));
 }
 
 // -- ids ------------------------------------------------------------------------------------------
@@ -284,12 +295,16 @@ function isBusy(reply) {
 }
 
 // Send the prediction to coglet; while it says it is busy, wait for READY and send it again, until
-// the wait bound. The body is the parent request's, kept in memory.
-async function forwardWhenFree(r, target) {
+// the wait bound. The body is the parent request's (kept in memory) unless `body` replaces it.
+async function forwardWhenFree(r, target, body) {
     const waitMs = queueWaitMs();
     const deadline = Date.now() + waitMs;
     for (;;) {
-        const reply = await r.subrequest(target, { method: r.method });
+        const options = { method: r.method };
+        if (body !== undefined) {
+            options.body = body;
+        }
+        const reply = await r.subrequest(target, options);
         if (!isBusy(reply)) {
             return reply;
         }
@@ -306,6 +321,98 @@ async function forwardWhenFree(r, target) {
     }
 }
 
+// -- async predictions the gateway tracks ------------------------------------------------------------
+
+function statePath(r, id, suffix) {
+    return r.variables.sdxl_state_dir + '/' + id + suffix;
+}
+
+function writeAtomically(path, text) {
+    fs.writeFileSync(path + '.tmp', text);
+    fs.renameSync(path + '.tmp', path);
+}
+
+// An async request without a webhook gets the gateway's own, with every event, so that its
+// progress (the step lines in its logs) can be read back.
+function tracksAsync(r, body) {
+    const prefer = r.headersIn.Prefer || '';
+    return prefer.indexOf('respond-async') >= 0 && (body.webhook === undefined || body.webhook === null);
+}
+
+function forgetOldStates(r) {
+    const dir = r.variables.sdxl_state_dir;
+    const now = Date.now();
+    fs.readdirSync(dir).forEach(function (name) {
+        try {
+            if (now - fs.statSync(dir + '/' + name).mtimeMs > STATE_KEEP_MS) {
+                fs.unlinkSync(dir + '/' + name);
+            }
+        } catch (e) {
+            // already gone
+        }
+    });
+}
+
+function recordOwner(r, reply) {
+    let accepted;
+    try {
+        accepted = JSON.parse(reply.responseText);
+    } catch (e) {
+        return;
+    }
+    if (!accepted || typeof accepted.id !== 'string' || !ID_PATTERN.test(accepted.id)) {
+        return;
+    }
+    fs.writeFileSync(statePath(r, accepted.id, '.owner'), ownerToken(r));
+    try {
+        fs.statSync(statePath(r, accepted.id, '.json'));
+    } catch (e) {
+        writeAtomically(statePath(r, accepted.id, '.json'), reply.responseText);  // no event yet
+    }
+}
+
+// POST /events on the internal listener: coglet's webhook, the whole prediction each time.
+function storeEvent(r) {
+    let prediction;
+    try {
+        prediction = JSON.parse(r.requestText || '');
+    } catch (e) {
+        return r.return(400);
+    }
+    if (!prediction || typeof prediction.id !== 'string' || !ID_PATTERN.test(prediction.id)) {
+        return r.return(400);
+    }
+    const path = statePath(r, prediction.id, '.json');
+    try {
+        // Events may overtake each other; a finished prediction stays finished.
+        const known = JSON.parse(fs.readFileSync(path, 'utf8'));
+        if (TERMINAL_STATUSES.indexOf(known.status) >= 0 && TERMINAL_STATUSES.indexOf(prediction.status) < 0) {
+            return r.return(200);
+        }
+    } catch (e) {
+        // first event
+    }
+    writeAtomically(path, r.requestText);
+    r.return(200);
+}
+
+// GET /predictions/{id}: the latest state of an async prediction this gateway started.
+function readPrediction(r, id) {
+    let owner = '';
+    try {
+        owner = fs.readFileSync(statePath(r, id, '.owner'), 'utf8');
+    } catch (e) {
+        owner = '';
+    }
+    // Someone else's prediction reads as unknown, not as forbidden.
+    if (owner !== ownerToken(r)) {
+        return sendJson(r, 404, 'No async prediction ' + id + ' started with this key (states are kept for ' +
+            STATE_KEEP_MS / 60000 + ' minutes)');
+    }
+    r.headersOut['Content-Type'] = 'application/json';
+    r.return(200, fs.readFileSync(statePath(r, id, '.json'), 'utf8'));
+}
+
 // -- handlers -------------------------------------------------------------------------------------
 
 // POST /predictions and PUT /predictions/{id}.
@@ -318,6 +425,9 @@ async function predict(r) {
         const match = PREDICTION_PATH.exec(rawPath(r));
         if (!match || !ID_PATTERN.test(match[1])) {
             return badId(r, 'path');
+        }
+        if (r.method === 'GET') {
+            return readPrediction(r, match[1]);
         }
         if (r.method !== 'PUT') {
             return sendJson(r, 405, 'Use PUT /predictions/{id} (or POST /predictions)');
@@ -336,9 +446,21 @@ async function predict(r) {
     if (problem) {
         return sendJson(r, 400, problem);
     }
-    const reply = await forwardWhenFree(r, '/_coglet' + (pathId ? '/predictions/' + pathId : '/predictions'));
+    const tracked = tracksAsync(r, body);
+    let forwarded;  // the parent's own body, unless the gateway adds its webhook
+    if (tracked) {
+        forgetOldStates(r);
+        body.webhook = r.variables.sdxl_events_url;
+        body.webhook_events_filter = ['start', 'output', 'logs', 'completed'];
+        forwarded = JSON.stringify(body);
+    }
+    const target = '/_coglet' + (pathId ? '/predictions/' + pathId : '/predictions');
+    const reply = await forwardWhenFree(r, target, forwarded);
     if (reply.refusal) {
         return sendJson(r, 503, reply.refusal, { 'Retry-After': String(QUEUE_RETRY_AFTER_S) });
+    }
+    if (tracked && reply.status === 202) {
+        recordOwner(r, reply);
     }
     r.headersOut['Content-Type'] = reply.headersOut['Content-Type'] || 'application/json';
     r.return(reply.status, reply.responseText);
@@ -371,4 +493,4 @@ function notFound(r) {
         'PUT /predictions/{id}, POST /predictions/{id}/cancel; pages: / and /docs/');
 }
 
-export default { clientId, predict, cancel, passThrough, notFound };
+export default { clientId, predict, cancel, passThrough, notFound, storeEvent };

@@ -317,6 +317,40 @@ def test_concurrent_clients_wait_within_the_bound_or_get_a_clear_refusal(slow_co
         assert elapsed < wait_s + sleep_s + 1.5, (status, elapsed)
 
 
+def test_an_async_prediction_can_be_followed_step_by_step_through_the_gateway(slow_cog):
+    """coglet has no GET /predictions/{id}: the gateway takes its webhook events and answers it."""
+    with Gateway(slow_cog.port, env={"SDXL_API_KEYS": ",".join(KEYS), **UNLIMITED}) as gateway:
+        started = requests.post(
+            f"{gateway.url}/predictions",
+            json={"input": {"sleep_s": 2.0, "steps": 4}},
+            headers={**BEARER, "Prefer": "respond-async"},
+            timeout=30,
+        )
+        assert started.status_code == 202, started.text
+        url = f"{gateway.url}/predictions/{started.json()['id']}"
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = requests.get(url, headers=BEARER, timeout=10).json()
+            seen.append((state["status"], (state.get("logs") or "").strip().splitlines()[-1:]))
+            if state["status"] in ("succeeded", "failed", "canceled"):
+                break
+            time.sleep(0.1)
+        print(f"\nstates polled: {sorted({(status, tuple(lines)) for status, lines in seen})}")
+        assert state["status"] == "succeeded", state
+        assert state["output"].startswith("data:image/png;base64,")
+        steps_while_running = {tuple(lines) for status, lines in seen if status == "processing" and lines}
+        assert len(steps_while_running) >= 2, seen  # progress arrived while it ran, not only at the end
+        assert ("base: step 4/4",) in {tuple(lines) for _, lines in seen}
+
+        # Only the key that started it reads it back; others learn nothing, not even that it exists.
+        other = requests.get(url, headers={"Authorization": f"Bearer {KEYS[1]}"}, timeout=10)
+        assert other.status_code == 404 and "No async prediction" in error_of(other)
+        assert requests.get(url, timeout=10).status_code == 401
+        bad = requests.get(f"{gateway.url}/predictions/..%2Fx", headers=BEARER, timeout=10)
+        assert bad.status_code == 400
+
+
 # -- script/serve --gateway ----------------------------------------------------------------------------
 
 

@@ -101,6 +101,10 @@ def test_compose_builds_the_gateway_from_this_directory_beside_the_unchanged_mod
     assert "build" not in model and "ports" not in model, "the model image is cog build's, reachable only inside"
     assert (REPO_ROOT / gateway["build"]).resolve() == GATEWAY
     assert gateway["environment"]["SDXL_GATEWAY_UPSTREAM"] == f"model:{MODEL_PORT}"
+    # The model container reaches the gateway's events listener by service name; it is not published.
+    events = gateway["environment"]["SDXL_GATEWAY_EVENTS_URL"]
+    assert events == f"http://gateway:{gateway['environment']['SDXL_GATEWAY_EVENTS_LISTEN']}/events"
+    assert all(not port.endswith(":8081") for port in gateway["ports"])
     (secret,) = gateway["secrets"]
     assert gateway["environment"]["SDXL_API_KEYS_FILE"] == f"/run/secrets/{secret}"
     dockerfile = (GATEWAY / "Dockerfile").read_text()

@@ -46,6 +46,14 @@ def gateway(tiny_weights, tmp_path_factory):
             yield running
 
 
+@pytest.fixture(scope="module")
+def slow_gateway(tmp_path_factory):
+    predictor = f"{REPO_ROOT / 'tests/fixtures/slow_predictor.py'}:Predictor"
+    with CogServer(predictor, cwd=tmp_path_factory.mktemp("slow")) as cog:
+        with Gateway(cog.port, env={"SDXL_API_KEYS": KEY}) as running:
+            yield running
+
+
 @pytest.fixture
 def browser():
     options = webdriver.ChromeOptions()
@@ -130,3 +138,20 @@ def test_playground_says_when_the_key_is_wrong(gateway, browser):
     wait(browser).until(ec.text_to_be_present_in_element((By.ID, "message"), "API key is missing or wrong"))
     assert "error" in browser.find_element(By.ID, "message").get_attribute("class")
     assert browser.find_element(By.ID, "generate").get_attribute("disabled")
+
+
+def test_playground_shows_the_denoising_step_while_it_runs(slow_gateway, browser):
+    browser.get(slow_gateway.url + "/")
+    use_key(browser, KEY)
+    wait(browser).until(ec.element_to_be_clickable((By.ID, "generate")))
+    browser.find_element(By.CSS_SELECTOR, "#more summary").click()  # inputs outside MAIN_INPUTS
+    set_field(browser, "sleep_s", 6)
+    set_field(browser, "steps", 6)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "message"), "base step"))
+    progress = browser.find_element(By.ID, "progress")
+    assert progress.is_displayed() and progress.get_attribute("max") == "6"
+    assert 1 <= int(progress.get_attribute("value")) < 6
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "message"), "Done in"))
+    assert not progress.is_displayed()
+    assert browser.find_elements(By.CSS_SELECTOR, "#images img")

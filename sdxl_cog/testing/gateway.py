@@ -39,6 +39,9 @@ class Gateway:
         self.env = env or {}
         self.port = free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="sdxl-gateway-")
+        # A root master runs nginx's workers as nobody, who must reach the run directory.
+        Path(self._tmp.name).chmod(0o755)
+        self.events_port = free_port()
         self.run_dir = Path(self._tmp.name) / "run"
         self.log_path = Path(self._tmp.name) / "nginx.log"
         self.process: subprocess.Popen | None = None
@@ -60,6 +63,7 @@ class Gateway:
             "PORT": str(self.port),
             "SDXL_GATEWAY_UPSTREAM": f"127.0.0.1:{self.upstream_port}",
             "SDXL_GATEWAY_RUN_DIR": str(self.run_dir),
+            "SDXL_GATEWAY_EVENTS_LISTEN": f"127.0.0.1:{self.events_port}",
             **self.env,
         }
         with open(self.log_path, "wb") as log:

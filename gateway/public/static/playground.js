@@ -1,12 +1,15 @@
-// The playground: a form generated from this server's /openapi.json (components.schemas.Input),
-// one synchronous POST /predictions per Generate, the images and their seeds and timings when done.
-// coglet has no GET /predictions/{id}, so while a prediction runs the page shows the time elapsed;
-// the step-by-step log arrives with the result.
+// The playground: a form generated from this server's /openapi.json (components.schemas.Input), one
+// async POST /predictions per Generate, then GET /predictions/{id} until it is done (the gateway keeps
+// coglet's webhook events for it): the denoising step while it runs, the images, seeds and timings.
 
 // Shown at the top; the other inputs go under "More settings".
 const MAIN_INPUTS = ["prompt", "negative_prompt", "image", "mask", "width", "height", "num_inference_steps",
   "seed", "scheduler", "refine", "output_format"];
 const TEXTAREAS = ["prompt", "negative_prompt"];
+const POLL_MS = 700;
+const FINISHED = ["succeeded", "failed", "canceled"];
+// The progress line predict.py prints per denoising step ("base: step 12/50 (t=...)").
+const STEP_LINE = /^(\w+): step (\d+)\/(\d+)/;
 
 const $ = (id) => document.getElementById(id);
 let schemas = null;
@@ -167,6 +170,43 @@ function showResult(prediction) {
   }));
 }
 
+function latestStep(logs) {
+  const lines = (logs || "").split("\n").map((line) => line.match(STEP_LINE)).filter(Boolean);
+  return lines.length ? lines[lines.length - 1] : null;
+}
+
+function showProgress(prediction, started) {
+  const seconds = ((performance.now() - started) / 1000).toFixed(0);
+  const step = latestStep(prediction.logs);
+  const progress = $("progress");
+  if (step) {
+    progress.hidden = false;
+    progress.max = Number(step[3]);
+    progress.value = Number(step[2]);
+    showMessage(`Running… ${seconds} s, ${step[1]} step ${step[2]} of ${step[3]}`);
+  } else {
+    showMessage(`${prediction.status === "starting" ? "Waiting for the model" : "Running"}… ${seconds} s`);
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Follow an accepted async prediction until it is finished; null (message shown) if it cannot be read.
+async function follow(accepted, started) {
+  let prediction = accepted;
+  while (!FINISHED.includes(prediction.status)) {
+    showProgress(prediction, started);
+    await sleep(POLL_MS);
+    const response = await fetch(`/predictions/${encodeURIComponent(accepted.id)}`, { headers: authHeaders() });
+    if (!response.ok) {
+      showMessage(await refusalText(response), true);
+      return null;
+    }
+    prediction = await response.json();
+  }
+  return prediction;
+}
+
 async function generate(event) {
   event.preventDefault();
   const button = $("generate");
@@ -174,21 +214,24 @@ async function generate(event) {
   $("images").replaceChildren();
   $("details").replaceChildren();
   $("logs-box").hidden = true;
+  $("progress").hidden = true;
   const started = performance.now();
-  const timer = setInterval(() => showMessage(`Running… ${((performance.now() - started) / 1000).toFixed(0)} s`), 500);
-  showMessage("Running…");
+  showMessage("Sending…");
   try {
     const response = await fetch("/predictions", {
       method: "POST",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
+      headers: { "Content-Type": "application/json", Prefer: "respond-async", ...authHeaders() },
       body: JSON.stringify({ input: await collectInput() }),
     });
-    clearInterval(timer);
     if (!response.ok) {
       showMessage(await refusalText(response), true);
       return;
     }
-    const prediction = await response.json();
+    const prediction = await follow(await response.json(), started);
+    $("progress").hidden = true;
+    if (!prediction) {
+      return;
+    }
     $("logs").textContent = prediction.logs || "";
     $("logs-box").hidden = !prediction.logs;
     if (prediction.status !== "succeeded") {
@@ -198,7 +241,6 @@ async function generate(event) {
     showResult(prediction);
     showMessage(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s.`);
   } catch (error) {
-    clearInterval(timer);
     showMessage(`Could not reach the server: ${error.message}`, true);
   } finally {
     button.disabled = false;
