@@ -327,6 +327,15 @@ function statePath(r, id, suffix) {
     return r.variables.sdxl_state_dir + '/' + id + suffix;
 }
 
+function exists(path) {
+    try {
+        fs.statSync(path);
+        return true;
+    } catch (e) {
+        return false;
+    }
+}
+
 function writeAtomically(path, text) {
     fs.writeFileSync(path + '.tmp', text);
     fs.renameSync(path + '.tmp', path);
@@ -363,10 +372,11 @@ function recordOwner(r, reply) {
     if (!accepted || typeof accepted.id !== 'string' || !ID_PATTERN.test(accepted.id)) {
         return;
     }
-    fs.writeFileSync(statePath(r, accepted.id, '.owner'), ownerToken(r));
-    try {
-        fs.statSync(statePath(r, accepted.id, '.json'));
-    } catch (e) {
+    // The first owner stays: a PUT that repeats someone's id must not make their prediction its own.
+    if (!exists(statePath(r, accepted.id, '.owner'))) {
+        fs.writeFileSync(statePath(r, accepted.id, '.owner'), ownerToken(r));
+    }
+    if (!exists(statePath(r, accepted.id, '.json'))) {
         writeAtomically(statePath(r, accepted.id, '.json'), reply.responseText);  // no event yet
     }
 }
@@ -399,18 +409,20 @@ function storeEvent(r) {
 // GET /predictions/{id}: the latest state of an async prediction this gateway started.
 function readPrediction(r, id) {
     let owner = '';
+    let state = '';
     try {
         owner = fs.readFileSync(statePath(r, id, '.owner'), 'utf8');
+        state = fs.readFileSync(statePath(r, id, '.json'), 'utf8');
     } catch (e) {
         owner = '';
     }
     // Someone else's prediction reads as unknown, not as forbidden.
-    if (owner !== ownerToken(r)) {
+    if (!state || owner !== ownerToken(r)) {
         return sendJson(r, 404, 'No async prediction ' + id + ' started with this key (states are kept for ' +
             STATE_KEEP_MS / 60000 + ' minutes)');
     }
     r.headersOut['Content-Type'] = 'application/json';
-    r.return(200, fs.readFileSync(statePath(r, id, '.json'), 'utf8'));
+    r.return(200, state);
 }
 
 // -- handlers -------------------------------------------------------------------------------------

@@ -349,6 +349,12 @@ def test_an_async_prediction_can_be_followed_step_by_step_through_the_gateway(sl
         assert requests.get(url, timeout=10).status_code == 401
         bad = requests.get(f"{gateway.url}/predictions/..%2Fx", headers=BEARER, timeout=10)
         assert bad.status_code == 400
+        # Repeating someone's id does not make their prediction yours.
+        other_key = {"Authorization": f"Bearer {KEYS[1]}", "Prefer": "respond-async"}
+        body = {"input": {"sleep_s": 0.1}}
+        requests.put(url, json=body, headers=other_key, timeout=30)
+        assert requests.get(url, headers=other_key, timeout=10).status_code == 404
+        assert requests.get(url, headers=BEARER, timeout=10).status_code == 200
 
 
 # -- script/serve --gateway ----------------------------------------------------------------------------
