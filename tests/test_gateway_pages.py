@@ -96,12 +96,22 @@ def test_docs_list_the_inputs_of_this_servers_schema(gateway, browser):
     use_key(browser, KEY)
     wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, '.model-container[data-name="Input"]')))
     # Coglet's /shutdown is not served by the gateway, so the reference does not offer it.
-    paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
-    assert "/predictions" in paths and "/shutdown" not in paths
+    operations = {
+        (
+            e.find_element(By.CSS_SELECTOR, ".opblock-summary-method").text,
+            e.find_element(By.CSS_SELECTOR, ".opblock-summary-path").text,
+        )
+        for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary")
+    }
+    assert ("POST", "/predictions") in operations and ("GET", "/predictions/{prediction_id}") in operations
+    assert not [op for op in operations if op[1] == "/shutdown"]
     browser.find_element(By.CSS_SELECTOR, '.model-container[data-name="Input"] .model-box-control').click()
     model = browser.find_element(By.CSS_SELECTOR, '.model-container[data-name="Input"]').text
     for name in ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "seed", "image", "mask"):
         assert name in model, f"{name} not listed in the Input model:\n{model}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "docs.png"))
+    print(f"\ndocs screenshot: {ARTIFACTS / 'docs.png'}")
 
 
 def test_playground_generates_an_image_of_the_requested_size_and_shows_its_seed(gateway, browser):
