@@ -18,7 +18,8 @@ from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServe
 from sdxl_cog.testing.gateway import Gateway, nginx_available
 
 GATEWAY = REPO_ROOT / "gateway"
-CONFIG_FILES = ("nginx.conf.template", "gateway.js")
+# The nginx configuration and the njs modules it imports.
+CONFIG_FILES = ("nginx.conf.template", *sorted(p.name for p in GATEWAY.glob("*.js")))
 MODEL_PORT = 5000
 
 
@@ -109,7 +110,7 @@ def test_compose_builds_the_gateway_from_this_directory_beside_the_unchanged_mod
     assert gateway["environment"]["SDXL_API_KEYS_FILE"] == f"/run/secrets/{secret}"
     dockerfile = (GATEWAY / "Dockerfile").read_text()
     copied = re.search(r"^COPY (nginx\.conf\.template .*) /usr/share/sdxl-gateway/$", dockerfile, re.MULTILINE)
-    assert set(CONFIG_FILES) <= set(copied.group(1).split())
+    assert {"nginx.conf.template", "*.js"} <= set(copied.group(1).split())
     assert "RUN npm ci --ignore-scripts" in dockerfile
 
 
