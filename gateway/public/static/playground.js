@@ -1,0 +1,252 @@
+// The playground: a form generated from this server's /openapi.json (components.schemas.Input), one
+// async POST /predictions per Generate, then GET /predictions/{id} until it is done (the gateway keeps
+// coglet's webhook events for it): the denoising step while it runs, the images, seeds and timings.
+
+// Shown at the top; the other inputs go under "More settings".
+const MAIN_INPUTS = ["prompt", "negative_prompt", "image", "mask", "width", "height", "num_inference_steps",
+  "seed", "scheduler", "refine", "output_format"];
+const TEXTAREAS = ["prompt", "negative_prompt"];
+const POLL_MS = 700;
+const FINISHED = ["succeeded", "failed", "canceled"];
+// The progress line predict.py prints per denoising step ("base: step 12/50 (t=...)").
+const STEP_LINE = /^(\w+): step (\d+)\/(\d+)/;
+
+const $ = (id) => document.getElementById(id);
+let schemas = null;
+
+function showMessage(text, isError) {
+  const message = $("message");
+  message.textContent = text;
+  message.className = isError ? "error" : "";
+}
+
+// -- the form ---------------------------------------------------------------------------------------
+
+function choicesOf(property) {
+  const ref = property.allOf && property.allOf[0] && property.allOf[0].$ref;
+  return ref ? schemas[ref.split("/").pop()].enum : property.enum;
+}
+
+function fieldFor(name, property) {
+  const label = document.createElement("label");
+  label.append(property.title || name.charAt(0).toUpperCase() + name.slice(1).replace(/_/g, " "));
+  const choices = choicesOf(property);
+  let control;
+  if (choices) {
+    control = document.createElement("select");
+    choices.forEach((choice) => control.add(new Option(choice, choice)));
+    control.value = property.default;
+  } else if (property.type === "boolean") {
+    control = document.createElement("input");
+    control.type = "checkbox";
+    control.checked = Boolean(property.default);
+  } else if (property.format === "uri") {
+    control = document.createElement("input");
+    control.type = "file";
+    control.accept = "image/*";
+  } else if (property.type === "integer" || property.type === "number") {
+    control = document.createElement("input");
+    control.type = "number";
+    control.step = property.type === "integer" ? "1" : "any";
+    if (property.minimum !== undefined) control.min = property.minimum;
+    if (property.maximum !== undefined) control.max = property.maximum;
+    if (property.default !== undefined && property.default !== null) control.value = property.default;
+  } else {
+    control = document.createElement(TEXTAREAS.includes(name) ? "textarea" : "input");
+    control.value = property.default || "";
+  }
+  control.name = name;
+  control.dataset.kind = property.format === "uri" ? "file" : property.type || "string";
+  label.append(control);
+  if (property.description) {
+    const help = document.createElement("span");
+    help.className = "help";
+    help.textContent = property.description;
+    label.append(help);
+  }
+  return label;
+}
+
+function buildForm(schema) {
+  schemas = schema.components.schemas;
+  const properties = schemas.Input.properties;
+  const names = Object.keys(properties).sort((a, b) => properties[a]["x-order"] - properties[b]["x-order"]);
+  $("fields").replaceChildren();
+  $("more-fields").replaceChildren();
+  names.forEach((name) => {
+    const target = MAIN_INPUTS.includes(name) ? "fields" : "more-fields";
+    $(target).append(fieldFor(name, properties[name]));
+  });
+  $("more").hidden = $("more-fields").children.length === 0;
+  $("generate").disabled = false;
+}
+
+function readAsDataUri(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// The form as Cog input: empty fields are left out, so the server's defaults apply.
+async function collectInput() {
+  const input = {};
+  for (const control of $("inputs").querySelectorAll("[name]")) {
+    const kind = control.dataset.kind;
+    if (kind === "file") {
+      if (control.files.length) input[control.name] = await readAsDataUri(control.files[0]);
+    } else if (control.type === "checkbox") {
+      input[control.name] = control.checked;
+    } else if (control.value !== "") {
+      input[control.name] = kind === "integer" || kind === "number" ? Number(control.value) : control.value;
+    }
+  }
+  return input;
+}
+
+// -- talking to the server --------------------------------------------------------------------------
+
+// What to tell a person about a refused request.
+async function refusalText(response) {
+  let body = {};
+  try {
+    body = await response.json();
+  } catch (error) {
+    body = {};
+  }
+  const retry = response.headers.get("Retry-After");
+  switch (response.status) {
+    case 401:
+      return "The API key is missing or wrong: enter the key you were given above and press Use key.";
+    case 409:
+      return "The server is busy with another prediction: try again in a moment.";
+    case 422:
+      return "Some inputs are not accepted: " + (body.detail || [])
+        .map((d) => `${d.loc[d.loc.length - 1]}: ${d.msg}`).join("; ");
+    case 429:
+    case 503:
+      return (body.error || "The server is busy") + (retry ? ` (retry after ${retry} s)` : "");
+    default:
+      return `The server answered ${response.status}: ${body.error || body.detail || response.statusText}`;
+  }
+}
+
+async function loadSchema() {
+  $("generate").disabled = true;
+  const response = await fetch("/openapi.json", { headers: authHeaders() });
+  if (!response.ok) {
+    showMessage(await refusalText(response), true);
+    return;
+  }
+  buildForm(await response.json());
+  showMessage("Fill in a prompt and press Generate.");
+}
+
+function showResult(prediction) {
+  const outputs = [].concat(prediction.output || []);
+  const images = outputs.map((uri, index) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.alt = `output ${index}`;
+    img.src = uri;
+    const caption = document.createElement("figcaption");
+    img.onload = () => { caption.textContent = `${img.naturalWidth}×${img.naturalHeight}`; };
+    figure.append(img, caption);
+    return figure;
+  });
+  $("images").replaceChildren(...images);
+  const metrics = prediction.metrics || {};
+  const rows = [["Seeds", (metrics.seeds || []).join(", ")]];
+  Object.keys(metrics).filter((k) => k.endsWith("_time")).forEach((k) => rows.push([k, `${Number(metrics[k]).toFixed(2)} s`]));
+  $("details").replaceChildren(...rows.flatMap(([term, value]) => {
+    const dt = document.createElement("dt");
+    dt.textContent = term;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    dd.id = term === "Seeds" ? "seeds" : "";
+    return [dt, dd];
+  }));
+}
+
+function latestStep(logs) {
+  const lines = (logs || "").split("\n").map((line) => line.match(STEP_LINE)).filter(Boolean);
+  return lines.length ? lines[lines.length - 1] : null;
+}
+
+function showProgress(prediction, started) {
+  const seconds = ((performance.now() - started) / 1000).toFixed(0);
+  const step = latestStep(prediction.logs);
+  const progress = $("progress");
+  if (step) {
+    progress.hidden = false;
+    progress.max = Number(step[3]);
+    progress.value = Number(step[2]);
+    showMessage(`Running… ${seconds} s, ${step[1]} step ${step[2]} of ${step[3]}`);
+  } else {
+    showMessage(`${prediction.status === "starting" ? "Waiting for the model" : "Running"}… ${seconds} s`);
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Follow an accepted async prediction until it is finished; null (message shown) if it cannot be read.
+async function follow(accepted, started) {
+  let prediction = accepted;
+  while (!FINISHED.includes(prediction.status)) {
+    showProgress(prediction, started);
+    await sleep(POLL_MS);
+    const response = await fetch(`/predictions/${encodeURIComponent(accepted.id)}`, { headers: authHeaders() });
+    if (!response.ok) {
+      showMessage(await refusalText(response), true);
+      return null;
+    }
+    prediction = await response.json();
+  }
+  return prediction;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  const button = $("generate");
+  button.disabled = true;
+  $("images").replaceChildren();
+  $("details").replaceChildren();
+  $("logs-box").hidden = true;
+  $("progress").hidden = true;
+  const started = performance.now();
+  showMessage("Sending…");
+  try {
+    const response = await fetch("/predictions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Prefer: "respond-async", ...authHeaders() },
+      body: JSON.stringify({ input: await collectInput() }),
+    });
+    if (!response.ok) {
+      showMessage(await refusalText(response), true);
+      return;
+    }
+    const prediction = await follow(await response.json(), started);
+    $("progress").hidden = true;
+    if (!prediction) {
+      return;
+    }
+    $("logs").textContent = prediction.logs || "";
+    $("logs-box").hidden = !prediction.logs;
+    if (prediction.status !== "succeeded") {
+      showMessage(`The prediction failed: ${prediction.error || prediction.status}`, true);
+      return;
+    }
+    showResult(prediction);
+    showMessage(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s.`);
+  } catch (error) {
+    showMessage(`Could not reach the server: ${error.message}`, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+$("inputs").addEventListener("submit", generate);
+bindKeyForm($("key-form"), $("key"), loadSchema);
+loadSchema();

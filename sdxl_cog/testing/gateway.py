@@ -1,0 +1,102 @@
+"""Run the nginx gateway (gateway/start) in front of a running Cog server, for tests and scripts.
+
+    with CogServer(DUMMY_PREDICTOR_REF, cwd=tmp) as cog, Gateway(cog.port, env={"SDXL_API_KEYS": "k"}) as gateway:
+        requests.post(f"{gateway.url}/predictions", json=..., headers={"Authorization": "Bearer k"})
+
+nginx runs from a private directory (config, pid, temp files) with its access and error logs in
+`log_path`; on exit it is stopped with SIGQUIT (graceful), then killed if it lingers.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from sdxl_cog.testing.cog_server import REPO_ROOT, free_port
+
+GATEWAY_DIR = REPO_ROOT / "gateway"
+START_TIMEOUT_S = 15
+STOP_GRACE_S = 10
+
+
+class GatewayError(RuntimeError):
+    """nginx did not start; the message carries its log."""
+
+
+def nginx_available() -> bool:
+    return shutil.which("nginx") is not None and shutil.which("envsubst") is not None
+
+
+class Gateway:
+    def __init__(self, upstream_port: int, env: dict[str, str] | None = None):
+        self.upstream_port = upstream_port
+        self.env = env or {}
+        self.port = free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="sdxl-gateway-")
+        # A root master runs nginx's workers as nobody, who must reach the run directory.
+        Path(self._tmp.name).chmod(0o755)
+        self.events_port = free_port()
+        self.run_dir = Path(self._tmp.name) / "run"
+        self.log_path = Path(self._tmp.name) / "nginx.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Gateway":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "SDXL_GATEWAY_UPSTREAM": f"127.0.0.1:{self.upstream_port}",
+            "SDXL_GATEWAY_RUN_DIR": str(self.run_dir),
+            "SDXL_GATEWAY_EVENTS_LISTEN": f"127.0.0.1:{self.events_port}",
+            **self.env,
+        }
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [str(GATEWAY_DIR / "start")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise GatewayError(f"gateway exited with code {self.process.returncode}:\n{self.log()}")
+            try:
+                requests.get(f"{self.url}/health-check", timeout=2)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        self.stop()
+        raise GatewayError(f"gateway not answering after {START_TIMEOUT_S}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGQUIT)
+            try:
+                process.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -1,0 +1,167 @@
+"""The gateway's pages in a real browser (Debian's Chromium, headless, driven by Selenium through
+/usr/bin/chromedriver), served by real nginx in front of coglet running predict.py on tiny weights:
+/docs/ lists the inputs of this server's own schema; / generates an image of the requested size and
+shows its seed; a wrong key is reported. The playground screenshot is kept under build/test-artifacts/."""
+
+from pathlib import Path
+
+import pytest
+
+from sdxl_cog.testing.cog_server import REPO_ROOT, CogServer
+from sdxl_cog.testing.gateway import Gateway, nginx_available
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SWAGGER_UI = REPO_ROOT / "gateway/node_modules/swagger-ui-dist/swagger-ui-bundle.js"
+ARTIFACTS = REPO_ROOT / "build/test-artifacts"
+KEY = "page-key-0123456789"
+READY_TIMEOUT_S = 300
+PREDICT_TIMEOUT_S = 300
+PAGE_TIMEOUT_S = 30
+# Not square, so a swapped width and height would show.
+WIDTH, HEIGHT, SEED = 192, 128, 4242
+
+pytestmark = [
+    pytest.mark.gateway,
+    pytest.mark.skipif(not nginx_available(), reason="nginx (with libnginx-mod-http-js) and envsubst not installed"),
+    pytest.mark.skipif(
+        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+        reason="Chromium and chromedriver (Debian packages chromium, chromium-driver) not installed",
+    ),
+]
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_weights, tmp_path_factory):
+    assert SWAGGER_UI.exists(), "Swagger UI is not installed: run `npm ci --ignore-scripts --prefix gateway`"
+    scratch = tmp_path_factory.mktemp("pages")
+    env = {"SDXL_WEIGHTS_DIR": str(tiny_weights), "SDXL_OUTPUT_DIR": str(scratch / "outputs")}
+    with CogServer(cwd=REPO_ROOT, env=env, ready_timeout=READY_TIMEOUT_S, log_path=scratch / "server.log") as cog:
+        with Gateway(cog.port, env={"SDXL_API_KEYS": KEY}) as running:
+            yield running
+
+
+@pytest.fixture(scope="module")
+def slow_gateway(tmp_path_factory):
+    predictor = f"{REPO_ROOT / 'tests/fixtures/slow_predictor.py'}:Predictor"
+    with CogServer(predictor, cwd=tmp_path_factory.mktemp("slow")) as cog:
+        with Gateway(cog.port, env={"SDXL_API_KEYS": KEY}) as running:
+            yield running
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+    ):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1280,1400")
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait(driver, timeout=PAGE_TIMEOUT_S) -> WebDriverWait:
+    return WebDriverWait(driver, timeout)
+
+
+def use_key(driver, key: str) -> None:
+    field = driver.find_element(By.ID, "key")
+    field.clear()
+    field.send_keys(key)
+    driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
+
+
+def set_field(driver, name: str, value) -> None:
+    field = driver.find_element(By.NAME, name)
+    field.clear()
+    field.send_keys(str(value))
+
+
+def test_docs_list_the_inputs_of_this_servers_schema(gateway, browser):
+    browser.get(f"{gateway.url}/docs/")
+    use_key(browser, KEY)
+    wait(browser).until(ec.presence_of_element_located((By.CSS_SELECTOR, '.model-container[data-name="Input"]')))
+    # Coglet's /shutdown is not served by the gateway, so the reference does not offer it.
+    operations = {
+        (
+            e.find_element(By.CSS_SELECTOR, ".opblock-summary-method").text,
+            e.find_element(By.CSS_SELECTOR, ".opblock-summary-path").text,
+        )
+        for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary")
+    }
+    assert ("POST", "/predictions") in operations and ("GET", "/predictions/{prediction_id}") in operations
+    assert not [op for op in operations if op[1] == "/shutdown"]
+    browser.find_element(By.CSS_SELECTOR, '.model-container[data-name="Input"] .model-box-control').click()
+    model = browser.find_element(By.CSS_SELECTOR, '.model-container[data-name="Input"]').text
+    for name in ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "seed", "image", "mask"):
+        assert name in model, f"{name} not listed in the Input model:\n{model}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "docs.png"))
+    print(f"\ndocs screenshot: {ARTIFACTS / 'docs.png'}")
+
+
+def test_playground_generates_an_image_of_the_requested_size_and_shows_its_seed(gateway, browser):
+    browser.get(gateway.url + "/")
+    use_key(browser, KEY)
+    wait(browser).until(ec.element_to_be_clickable((By.ID, "generate")))
+    set_field(browser, "prompt", "a lighthouse at dusk")
+    set_field(browser, "width", WIDTH)
+    set_field(browser, "height", HEIGHT)
+    set_field(browser, "num_inference_steps", 2)
+    set_field(browser, "seed", SEED)
+    browser.find_element(By.ID, "generate").click()
+
+    done = (By.CSS_SELECTOR, "#images img"), (By.CSS_SELECTOR, "#message.error")
+    wait(browser, PREDICT_TIMEOUT_S).until(ec.any_of(*(ec.presence_of_element_located(d) for d in done)))
+    assert not browser.find_elements(*done[1]), browser.find_element(By.ID, "message").text + gateway.log()[-3000:]
+    image = browser.find_element(*done[0])
+    wait(browser).until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+    size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+    assert size == [WIDTH, HEIGHT]
+    assert browser.find_element(By.ID, "seeds").text == str(SEED)
+    assert browser.find_element(By.ID, "message").text.startswith("Done in")
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    screenshot = ARTIFACTS / "playground.png"
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.save_screenshot(str(screenshot))
+    print(f"\nplayground screenshot: {screenshot}")
+
+
+def test_playground_says_when_the_key_is_wrong(gateway, browser):
+    browser.get(gateway.url + "/")
+    use_key(browser, "not-the-key")
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "message"), "API key is missing or wrong"))
+    assert "error" in browser.find_element(By.ID, "message").get_attribute("class")
+    assert browser.find_element(By.ID, "generate").get_attribute("disabled")
+
+
+def test_playground_shows_the_denoising_step_while_it_runs(slow_gateway, browser):
+    browser.get(slow_gateway.url + "/")
+    use_key(browser, KEY)
+    wait(browser).until(ec.element_to_be_clickable((By.ID, "generate")))
+    browser.find_element(By.CSS_SELECTOR, "#more summary").click()  # inputs outside MAIN_INPUTS
+    set_field(browser, "sleep_s", 6)
+    set_field(browser, "steps", 6)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "message"), "base step"))
+    progress = browser.find_element(By.ID, "progress")
+    assert progress.is_displayed() and progress.get_attribute("max") == "6"
+    assert 1 <= int(progress.get_attribute("value")) < 6
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "message"), "Done in"))
+    assert not progress.is_displayed()
+    assert browser.find_elements(By.CSS_SELECTOR, "#images img")
