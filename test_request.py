@@ -12,12 +12,16 @@ A 409 means "busy, try again": Cog runs one prediction at a time and, even for a
 for each answer, frees its slot a moment after the response, so the next request can land in that
 moment. The request is sent again with exponential backoff and jitter for up to --busy-wait seconds
 (--no-retry: never); the retries and the time they took are printed.
+
+Behind the project's gateway (script/serve --gateway), pass its key with --api-key or SDXL_API_KEY; it is sent
+as `Authorization: Bearer KEY` to the server's own URL only, never to an output's download URL.
 """
 
 import argparse
 import base64
 import json
 import mimetypes
+import os
 import random
 import sys
 import time
@@ -46,6 +50,22 @@ DEAD_STATES = {"SETUP_FAILED", "DEFUNCT", "UNHEALTHY"}
 
 class RequestError(Exception):
     """Anything that ends the run with a message and a non-zero exit."""
+
+
+class ServerKey(requests.auth.AuthBase):
+    """`Authorization: Bearer KEY` on requests to the server itself, and on nothing else."""
+
+    def __init__(self, server_url: str, key: str):
+        self.origin = urllib.parse.urlsplit(server_url)[:2]
+        self.key = key
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if urllib.parse.urlsplit(request.url)[:2] == self.origin:
+            request.headers["Authorization"] = f"Bearer {self.key}"
+        return request
+
+
+SESSION = requests.Session()
 
 
 def seconds(text: str) -> float:
@@ -78,6 +98,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-retry", dest="busy_wait", action="store_const", const=0, help="report a 409 at once, never retry it"
     )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SDXL_API_KEY"),
+        help="the gateway's API key (default: $SDXL_API_KEY), sent as Authorization: Bearer",
+    )
     parser.add_argument("--logs", action="store_true", help="print the prediction's logs")
     parser.add_argument("--health", action="store_true", help="print /health-check and exit")
     return parser.parse_args(argv)
@@ -86,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def input_types(url: str) -> dict[str, dict] | None:
     """`{name: schema}` of the server's inputs, with enum refs resolved; None without a schema."""
     try:
-        response = requests.get(f"{url}/openapi.json", timeout=10)
+        response = SESSION.get(f"{url}/openapi.json", timeout=10)
         response.raise_for_status()
         schemas = response.json()["components"]["schemas"]
         properties = schemas["Input"]["properties"]
@@ -146,7 +171,7 @@ def build_input(pairs: list[str], types: dict[str, dict] | None) -> dict[str, An
 
 def request(method: str, url: str, **kwargs: Any) -> requests.Response:
     try:
-        return requests.request(method, url, **kwargs)
+        return SESSION.request(method, url, **kwargs)
     except requests.ConnectionError:
         raise RequestError(f"cannot connect to a Cog server at {url} (is script/serve running?)") from None
     except requests.Timeout:
@@ -161,6 +186,10 @@ def check_response(response: requests.Response) -> dict:
         raise RequestError("invalid input (HTTP 422):\n" + "\n".join(lines))
     if response.status_code == 409:
         raise RequestError(f"server busy (HTTP 409): {response.text.strip()}")
+    if response.status_code == 401:
+        raise RequestError(
+            f"the server wants an API key (HTTP 401): {response.text.strip()}; pass --api-key KEY or set SDXL_API_KEY"
+        )
     if not response.ok:
         raise RequestError(f"HTTP {response.status_code}: {response.text.strip()}")
     return response.json()
@@ -295,6 +324,8 @@ def health(url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.url = args.url.rstrip("/")
+    if args.api_key:
+        SESSION.auth = ServerKey(args.url, args.api_key)
     try:
         if args.health:
             health(args.url)

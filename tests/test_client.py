@@ -17,6 +17,7 @@ import requests
 from PIL import Image
 
 from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
+from sdxl_cog.testing.gateway import Gateway, nginx_available
 
 CLIENT = REPO_ROOT / "test_request.py"
 GATED_REF = f"{REPO_ROOT / 'tests/fixtures/probe_predictors.py'}:Gated"
@@ -277,3 +278,14 @@ def test_busy_wait_must_be_seconds(value, capsys):
     with pytest.raises(SystemExit):
         client.parse_args(["--busy-wait", value])
     assert "--busy-wait" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not nginx_available(), reason="needs Debian's nginx with its njs module (.ci/run installs them)")
+def test_api_key_through_the_gateway(server, tmp_path):
+    with Gateway(server.port, env={"SDXL_API_KEYS": "client-key"}) as gateway:
+        refused = run_client("-i", "width=16", "--output-dir", str(tmp_path), url=gateway.url)
+        assert refused.returncode == 1
+        assert "wants an API key (HTTP 401)" in refused.stderr and "--api-key" in refused.stderr
+        done = run_client("-i", "width=16", "--api-key", "client-key", "--output-dir", str(tmp_path), url=gateway.url)
+        assert done.returncode == 0, done.stderr
+        assert Image.open(tmp_path / "output-0.png").size == (16, 16)
