@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from sdxl_cog.schema.image_labels import pinned_cog_version
+from sdxl_cog.schema.openapi import cog_version
 from sdxl_cog.testing.cog_server import REPO_ROOT
 
 # Cog's JSON Schema for cog.yaml (replicate/cog pkg/config/data/config_schema_v1.0.json, August 2026).
@@ -25,7 +25,7 @@ def test_cog_yaml_is_valid_for_the_cog_cli():
 
 def test_the_cli_installs_the_sdk_the_suite_runs():
     """Without build.sdk_version the CLI drops cog from requirements.txt and installs the latest SDK."""
-    assert cog_yaml()["build"]["sdk_version"] == pinned_cog_version() == metadata.version("cog")
+    assert cog_yaml()["build"]["sdk_version"] == cog_version(REPO_ROOT) == metadata.version("cog")
 
 
 def test_python_version_and_predictor_exist():

@@ -210,6 +210,8 @@ class Workspace:
             "REVISION": tag,
             "BUILD_FLAGS": " ".join(build_flags),
             "CA_BUNDLE": str(CA_BUNDLE) if CA_BUNDLE.exists() else "",
+            # The host-side steps of `make image` (the run.cog.* labels) run with this interpreter.
+            "PYTHON": sys.executable,
             **variables,
         }
         run("make", "-C", self.context, target, *(f"{k}={v}" for k, v in settings.items()))

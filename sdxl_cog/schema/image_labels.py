@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import yaml
 
-from .openapi import DEFAULT_PREDICTOR, build_schema
+from .openapi import DEFAULT_PREDICTOR, build_schema, cog_version
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_FILES = {
@@ -28,19 +27,11 @@ LABEL_FILES = {
 }
 
 
-def pinned_cog_version(requirements: Path = REPO_ROOT / "requirements.txt") -> str:
-    """The Cog SDK pinned in requirements.txt: the version the image runs, and cog.yaml's sdk_version."""
-    match = re.search(r"^cog==(\S+)$", requirements.read_text(), re.MULTILINE)
-    if not match:
-        raise ValueError(f"{requirements} pins no cog==VERSION")
-    return match.group(1)
-
-
 def label_values(root: Path = REPO_ROOT, predictor: str = DEFAULT_PREDICTOR) -> dict[str, str]:
     compact = {"separators": (",", ":")}
     config = yaml.safe_load((root / "cog.yaml").read_text())
     return {
-        "run.cog.version": pinned_cog_version(root / "requirements.txt"),
+        "run.cog.version": cog_version(root),
         "run.cog.config": json.dumps(config, **compact),
         "run.cog.openapi_schema": json.dumps(build_schema(str(root / predictor)), **compact),
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,16 @@ def _paths() -> dict[str, dict]:
     }
 
 
+def cog_version(project: Path) -> str:
+    """The Cog SDK the image runs: the `cog==` pin of the project's requirements.txt (cog.yaml's sdk_version
+    equals it), else the installed one. Read from the file, so that generating the schema needs no Cog."""
+    requirements = project / "requirements.txt"
+    if requirements.is_file():
+        if match := re.search(r"^cog==(\S+)$", requirements.read_text(), re.MULTILINE):
+            return match.group(1)
+    return importlib.metadata.version("cog")
+
+
 def build_schema(predictor_ref: str = DEFAULT_PREDICTOR) -> dict:
     """The complete OpenAPI document for `path/to/predict.py:Class`, read statically."""
     path, _, class_name = predictor_ref.partition(":")
@@ -189,8 +200,8 @@ def build_schema(predictor_ref: str = DEFAULT_PREDICTOR) -> dict:
         raise StaticSchemaError(f"input names clash with Cog's schema names: {', '.join(clash)}")
     return {
         "openapi": OPENAPI_VERSION,
-        # Cog writes its own version here; the SDK pinned in requirements.txt and cog.yaml is that version.
-        "info": {"title": "Cog", "version": importlib.metadata.version("cog")},
+        # Cog writes its CLI's version here; ours is the SDK version the image runs.
+        "info": {"title": "Cog", "version": cog_version(Path(path).resolve().parent)},
         "paths": _paths(),
         "components": {
             "schemas": {"Input": schemas.pop("Input"), "Output": envelope.pop("Output"), **schemas, **envelope}
