@@ -94,6 +94,7 @@ class Settings:
     output_dir: Path
     output_keep: int  # the latest predictions whose files are kept (a failed upload can be recovered)
     input_dir: Path
+    prediction_marker: Path  # touched as each prediction starts; deploy/probe.py reads it
     lora_cache_dir: Path
     lora_cache_bytes: int
     lora_max_bytes: int
@@ -124,6 +125,9 @@ class Settings:
             output_keep=_env_int("SDXL_OUTPUT_KEEP", 16),
             # Where coglet writes downloaded image/mask inputs: the worker's tempfile directory.
             input_dir=_env_path("SDXL_INPUT_DIR", Path("/tmp/sdxl-inputs")),
+            # The liveness probe tells a long stretch of back-to-back predictions from a wedged slot
+            # by it; the same default as deploy/probe.py's.
+            prediction_marker=_env_path("SDXL_PREDICTION_MARKER", Path("/tmp/sdxl-prediction-started")),
             lora_cache_dir=_env_path("SDXL_LORA_CACHE_DIR", Path("/tmp/sdxl-lora-cache")),
             # A typical SDXL LoRA is 20-400 MB; keep a handful on disk.
             lora_cache_bytes=_env_int("SDXL_LORA_CACHE_BYTES", 4 * 1024**3),

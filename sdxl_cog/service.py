@@ -48,6 +48,7 @@ class SDXLService:
     def predict(
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
     ) -> Prediction:
+        self.settings.prediction_marker.touch()  # for the liveness probe: a prediction did start
         prompt_tokens = check_prompt_lengths(self._tokenizers(), req.prompt, req.negative_prompt)
         self.budget.check(req, prompt_tokens)
         started = time.perf_counter()

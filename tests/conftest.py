@@ -73,6 +73,7 @@ def settings(tiny_weights, tmp_path_factory) -> Settings:
         device="cpu",
         output_dir=scratch / "outputs",
         input_dir=scratch / "inputs",
+        prediction_marker=scratch / "prediction-started",
         lora_cache_dir=scratch / "lora-cache",
         lora_local_dirs=(scratch / "loras",),
     )
