@@ -123,8 +123,9 @@ class Settings:
             # 16 predictions: at most 64 images (~100 MB of 1024px PNGs) kept for the operator to
             # recover one whose upload to --upload-url failed (sdxl_cog/outputs.py).
             output_keep=_env_int("SDXL_OUTPUT_KEEP", 16),
-            # Where coglet writes downloaded image/mask inputs: the worker's tempfile directory.
-            input_dir=_env_path("SDXL_INPUT_DIR", Path("/tmp/sdxl-inputs")),
+            # Where coglet writes downloaded image/mask inputs: made the worker's tempfile directory
+            # (sdxl_cog/uploads.py). Under TMPDIR, so whatever watches TMPDIR still sees it.
+            input_dir=_env_path("SDXL_INPUT_DIR", Path(os.environ.get("TMPDIR") or "/tmp") / "sdxl-inputs"),
             # The liveness probe tells a long stretch of back-to-back predictions from a wedged slot
             # by it; the same default as deploy/probe.py's.
             prediction_marker=_env_path("SDXL_PREDICTION_MARKER", Path("/tmp/sdxl-prediction-started")),
