@@ -17,7 +17,7 @@ from sdxl_cog.config import Settings
 from sdxl_cog.testing.cog_server import CogServer, free_port
 from tests.conftest import DEFAULT_OPTIONS, make_request
 from tests.test_deploy import FIXTURES, REPO_ROOT, by_kind, documents, drain_command, probe, run_probe
-from tests.test_reliability_server import Webhooks
+from tests.test_reliability_server import TERMINAL, Webhooks
 
 SERVER_START_S = 60
 # Short enough for a test; deploy/probe.py's default is an hour (see its derivation there).
@@ -121,7 +121,19 @@ def webhooks():
     receiver.http.shutdown()
 
 
-def test_prestop_drain_lets_an_async_prediction_deliver_its_final_webhook(tmp_path, gated, webhooks, probe_env):
+def test_without_a_drain_sigterm_drops_an_async_prediction(tmp_path, gated, webhooks):
+    """Why the drains exist (coglet 0.23). Should this start failing, coglet finishes async predictions
+    on SIGTERM by itself and the drains can go."""
+    with CogServer(f"{FIXTURES}:Gated", cwd=tmp_path, env=gated, generate_schema=False) as server:
+        start_async(server.url, webhooks, "async-dropped")
+        server.wait_for_status("BUSY", 10)
+        server.stop()  # SIGTERM, then up to 10 s before SIGKILL
+    open(gated["PROBE_PREDICT_GATE"], "w").close()
+    with pytest.raises(AssertionError, match="no such webhook"):
+        webhooks.wait_for("async-dropped", lambda p: p.get("status") in TERMINAL, timeout=2)
+
+
+def test_prestop_drain_lets_an_async_prediction_deliver_its_final_webhook(tmp_path, gated, webhooks):
     with CogServer(f"{FIXTURES}:Gated", cwd=tmp_path, env=gated, generate_schema=False) as server:
         start_async(server.url, webhooks, "async-prestop")
         server.wait_for_status("BUSY", 10)
@@ -139,7 +151,7 @@ def test_prestop_drain_lets_an_async_prediction_deliver_its_final_webhook(tmp_pa
     assert final["status"] == "succeeded" and final["output"] == "done"
 
 
-def test_graceful_wrapper_holds_sigterm_until_an_async_prediction_is_delivered(tmp_path, gated, webhooks, probe_env):
+def test_graceful_wrapper_holds_sigterm_until_an_async_prediction_is_delivered(tmp_path, gated, webhooks):
     (container,) = documents("kserve.yaml")[0]["spec"]["predictor"]["containers"]
     command = container["args"]
     assert command[:2] == ["python", "/src/deploy/graceful.py"] and command[2:] == ["python", "-m", "cog.server.http"]
