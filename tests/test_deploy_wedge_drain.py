@@ -17,7 +17,7 @@ from sdxl_cog.config import Settings
 from sdxl_cog.testing.cog_server import CogServer, free_port
 from tests.conftest import DEFAULT_OPTIONS, make_request
 from tests.test_deploy import FIXTURES, REPO_ROOT, by_kind, documents, drain_command, probe, run_probe
-from tests.test_reliability_server import TERMINAL, Webhooks
+from tests.test_reliability_server import Webhooks
 
 SERVER_START_S = 60
 # Short enough for a test; deploy/probe.py's default is an hour (see its derivation there).
@@ -127,10 +127,13 @@ def test_without_a_drain_sigterm_drops_an_async_prediction(tmp_path, gated, webh
     with CogServer(f"{FIXTURES}:Gated", cwd=tmp_path, env=gated, generate_schema=False) as server:
         start_async(server.url, webhooks, "async-dropped")
         server.wait_for_status("BUSY", 10)
-        server.stop()  # SIGTERM, then up to 10 s before SIGKILL
-    open(gated["PROBE_PREDICT_GATE"], "w").close()
-    with pytest.raises(AssertionError, match="no such webhook"):
-        webhooks.wait_for("async-dropped", lambda p: p.get("status") in TERMINAL, timeout=2)
+        server.process.send_signal(signal.SIGTERM)
+        # The prediction could finish now, had coglet waited for it as it does for a sync one.
+        time.sleep(0.5)
+        open(gated["PROBE_PREDICT_GATE"], "w").close()
+        server.process.wait(30)
+    # Nothing at all, or `failed` ("Worker crashed"), depending on timing; never the result.
+    assert not [p for p in webhooks.received["async-dropped"] if p.get("status") == "succeeded"]
 
 
 def test_prestop_drain_lets_an_async_prediction_deliver_its_final_webhook(tmp_path, gated, webhooks):
