@@ -157,7 +157,8 @@ def test_prestop_drain_lets_an_async_prediction_deliver_its_final_webhook(tmp_pa
 def test_graceful_wrapper_holds_sigterm_until_an_async_prediction_is_delivered(tmp_path, gated, webhooks):
     (container,) = documents("kserve.yaml")[0]["spec"]["predictor"]["containers"]
     command = container["args"]
-    assert command[:2] == ["python", "/src/deploy/graceful.py"] and command[2:] == ["python", "-m", "cog.server.http"]
+    # graceful.py runs the image's own command (and whatever flags the manifest adds, e.g. --host).
+    assert command[:2] == ["python", "/src/deploy/graceful.py"] and command[2:5] == ["python", "-m", "cog.server.http"]
     port = free_port()
     env = {
         **os.environ,
