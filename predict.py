@@ -38,15 +38,19 @@ class Predictor(BasePredictor):
     def predict(
         self,
         prompt: str = Input(
-            description="What to draw. Longer than 77 tokens is fine: nothing is truncated.",
+            description="What to draw. Up to 750 tokens; longer than 77 is fine: nothing is truncated.",
             default="An astronaut riding a rainbow unicorn",
+            max_length=7500,
         ),
-        negative_prompt: str = Input(description="What to keep out of the image.", default=""),
+        negative_prompt: str = Input(
+            description="What to keep out of the image. Up to 750 tokens.", default="", max_length=7500
+        ),
         image: Path | None = Input(
-            description="Source image for img2img, or for inpainting together with mask.", default=None
+            description="Source image for img2img, or for inpainting together with mask: a data: URI or an http(s) URL.",
+            default=None,
         ),
         mask: Path | None = Input(
-            description="Inpainting mask for image: black areas are kept exactly, white areas are repainted.",
+            description="Inpainting mask for image (a data: URI or an http(s) URL): black areas are kept exactly, white areas are repainted.",
             default=None,
         ),
         width: int | None = Input(

@@ -11,6 +11,14 @@ only, so it works in images built by `cog build` as well as from the Dockerfile)
 
 The server is the one in the same container: 127.0.0.1 on $PORT (Cog's default 5000).
 When a probe fails it prints why; Kubernetes shows that line in `kubectl describe pod`.
+
+A wedged slot: coglet 0.23 can lose its only slot for good while reporting BUSY (a client-chosen
+prediction id it cannot make a directory of: 256 characters, a NUL, a path through a file). Every
+request then gets 409 and nothing ever finishes. So `live` also fails once BUSY has lasted longer
+than the longest allowed prediction ($SDXL_MAX_PREDICTION_S) with no prediction started meanwhile.
+Exec probes are separate processes: when BUSY was first seen is kept in $SDXL_PROBE_STATE, and the
+predictor touches $SDXL_PREDICTION_MARKER as each prediction starts (sdxl_cog/service.py), so back to
+back predictions under load never look like one endless BUSY.
 """
 
 import json
@@ -18,6 +26,7 @@ import os
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 # The /health-check statuses each probe passes on. Anything else fails, as does no answer at all.
 PASSING_STATUSES = {
@@ -40,11 +49,21 @@ DEFAULT_PORT = 5000
 REQUEST_TIMEOUT_S = 4
 SETUP_LOG_CHARS = 500
 # drain: how long endpoint removal takes to reach the Service's proxies, during which a last request
-# may still arrive; then how often to look, and the most to wait (terminationGracePeriodSeconds
-# bounds it anyway).
+# may still arrive; then how often to look. It waits at most the longest allowed prediction (below);
+# the pod's termination grace period bounds it anyway.
 DRAIN_SETTLE_S = 3
 DRAIN_POLL_S = 1
-DRAIN_MAX_S = 300
+# The longest prediction the inputs allow: 4 images at 2048x2048, 500 base + 500 refiner steps and
+# 750-token prompts, ~125 PFLOP (~31 TFLOP per image-step at 2048px with guidance). That is ~7 min on
+# an H100 at 300 TFLOP/s sustained, 40-60 min on 24 GB cards (L4, A10G: 35-50 TFLOP/s sustained). One
+# hour by default; behind a request timeout (KServe's 600 s) nothing useful runs longer than that.
+MAX_PREDICTION_ENV = "SDXL_MAX_PREDICTION_S"
+DEFAULT_MAX_PREDICTION_S = 3600
+BUSY_STATE_ENV = "SDXL_PROBE_STATE"
+DEFAULT_BUSY_STATE = "/tmp/sdxl-probe-busy-since"
+# Touched by the predictor as each prediction starts; the same default as sdxl_cog/config.py.
+PREDICTION_MARKER_ENV = "SDXL_PREDICTION_MARKER"
+DEFAULT_PREDICTION_MARKER = "/tmp/sdxl-prediction-started"
 
 
 def health(port: int) -> dict:
@@ -65,11 +84,56 @@ def verdict(mode: str, body: dict) -> tuple[bool, str]:
     return False, reason
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def busy_since(status: str, now: float) -> float | None:
+    """When the current stretch of BUSY began, as far as the probes saw it; None when not BUSY.
+
+    The stretch restarts with each prediction the predictor starts, so only a slot that runs nothing
+    (or one prediction that runs too long) ages."""
+    state = Path(os.environ.get(BUSY_STATE_ENV) or DEFAULT_BUSY_STATE)
+    if status != "BUSY":
+        state.unlink(missing_ok=True)
+        return None
+    try:
+        first_seen = float(state.read_text())
+    except (OSError, ValueError):
+        first_seen = now
+        partial = state.with_name(state.name + f".{os.getpid()}")
+        partial.write_text(repr(now))
+        os.replace(partial, state)
+    marker = Path(os.environ.get(PREDICTION_MARKER_ENV) or DEFAULT_PREDICTION_MARKER)
+    return max(first_seen, _mtime(marker))
+
+
+def wedged(body: dict, now: float) -> str | None:
+    """Why a BUSY server is to be restarted, or None."""
+    since = busy_since(body.get("status", "<none>"), now)
+    limit = max_prediction_s()
+    if since is None or now - since <= limit:
+        return None
+    return (
+        f"live probe failed: BUSY for {now - since:.0f} s with no prediction starting, longer than the longest "
+        f"allowed prediction ({limit:g} s, {MAX_PREDICTION_ENV}): the slot is wedged and Cog never frees it"
+    )
+
+
+def max_prediction_s() -> float:
+    return float(os.environ.get(MAX_PREDICTION_ENV) or DEFAULT_MAX_PREDICTION_S)
+
+
 def drain(port: int) -> int:
-    """Return once no prediction runs. On SIGTERM coglet stops at once and drops a running
-    prediction, so Kubernetes' preStop hook runs this first (the pod has left the endpoints by then)."""
+    """Return once no prediction runs, sync or async. On SIGTERM coglet finishes a sync prediction but
+    drops an async one, so Kubernetes' preStop hook runs this first (the pod has left the endpoints by
+    then); where no hook is allowed (Knative), deploy/graceful.py runs it before passing SIGTERM on."""
     time.sleep(DRAIN_SETTLE_S)
-    deadline = time.monotonic() + DRAIN_MAX_S
+    limit = max_prediction_s()
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
             if health(port).get("status") != "BUSY":
@@ -77,7 +141,7 @@ def drain(port: int) -> int:
         except (OSError, ValueError):
             return 0  # nothing left to drain
         time.sleep(DRAIN_POLL_S)
-    print(f"drain: still BUSY after {DRAIN_MAX_S} s")
+    print(f"drain: still BUSY after {limit:g} s ({MAX_PREDICTION_ENV})")
     return 1
 
 
@@ -95,6 +159,9 @@ def main(argv: list[str]) -> int:
         print(f"{mode} probe failed: no health answer on port {port} ({error})")
         return 1
     passed, reason = verdict(mode, body)
+    stuck = wedged(body, time.time()) if mode == "live" and passed else None
+    if stuck:
+        passed, reason = False, stuck
     print(reason)
     return 0 if passed else 1
 

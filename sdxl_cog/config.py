@@ -26,6 +26,22 @@ MAX_SEED = 2**32 - 1
 DEFAULT_HIGH_NOISE_FRAC = 0.8
 DEFAULT_OUTPUT_QUALITY = 80
 
+# Prompts are encoded in chunks of 75 tokens (CLIP's 77 less BOS and EOS; sdxl_cog/prompts.py). Ten
+# chunks, 750 tokens, is two to three times the longest prompts AUTOMATIC1111 users write (a few
+# hundred tokens), while bounding what one request costs: each token adds ~2.2 GFLOP per UNet step at
+# 1024x1024 (750 tokens: +1.6 TFLOP on ~6 per step, < +30%) and ~6.5 MB per chunk to the text
+# encoders. Applies to prompt and negative_prompt each.
+PROMPT_CHUNK_TOKENS = 75
+MAX_PROMPT_CHUNKS = 10
+MAX_PROMPT_TOKENS = PROMPT_CHUNK_TOKENS * MAX_PROMPT_CHUNKS
+# The schema's max_length (predict.py), checked before any tokenizing: a coarse bound that never
+# refuses a prompt within the token budget written in words. CLIP's BPE gives 2.5-4.5 characters per
+# token in real prompts (punctuation and weights like "(masterpiece:1.2)" are tokens of their own);
+# a whole word of up to ~9 letters plus its space is one token, so 10 characters per token is above
+# any prompt of ordinary words. Tokenizing 7500 characters takes about a millisecond.
+CHARS_PER_TOKEN_CEILING = 10
+MAX_PROMPT_CHARS = MAX_PROMPT_TOKENS * CHARS_PER_TOKEN_CEILING
+
 # Below this side the invisible watermark (DWT-DCT) cannot hold its 48 bits; diffusers skips it too.
 WATERMARK_MIN_SIDE = 256
 
@@ -69,6 +85,9 @@ class Settings:
     verify_weights_hash: bool
     prefetch_weights: bool
     output_dir: Path
+    output_keep: int  # the latest predictions whose files are kept (a failed upload can be recovered)
+    input_dir: Path
+    prediction_marker: Path  # touched as each prediction starts; deploy/probe.py reads it
     lora_cache_dir: Path
     lora_cache_bytes: int
     lora_max_bytes: int
@@ -94,6 +113,15 @@ class Settings:
             # Off by default: it pays only where the disk is much faster than the loader (sdxl_cog/prefetch.py).
             prefetch_weights=_env_bool("SDXL_PREFETCH_WEIGHTS", False),
             output_dir=_env_path("SDXL_OUTPUT_DIR", Path("/tmp/sdxl-outputs")),
+            # 16 predictions: at most 64 images (~100 MB of 1024px PNGs) kept for the operator to
+            # recover one whose upload to --upload-url failed (sdxl_cog/outputs.py).
+            output_keep=_env_int("SDXL_OUTPUT_KEEP", 16),
+            # Where coglet writes downloaded image/mask inputs: made the worker's tempfile directory
+            # (sdxl_cog/uploads.py). Under TMPDIR, so whatever watches TMPDIR still sees it.
+            input_dir=_env_path("SDXL_INPUT_DIR", Path(os.environ.get("TMPDIR") or "/tmp") / "sdxl-inputs"),
+            # The liveness probe tells a long stretch of back-to-back predictions from a wedged slot
+            # by it; the same default as deploy/probe.py's.
+            prediction_marker=_env_path("SDXL_PREDICTION_MARKER", Path("/tmp/sdxl-prediction-started")),
             lora_cache_dir=_env_path("SDXL_LORA_CACHE_DIR", Path("/tmp/sdxl-lora-cache")),
             # A typical SDXL LoRA is 20-400 MB; keep a handful on disk.
             lora_cache_bytes=_env_int("SDXL_LORA_CACHE_BYTES", 4 * 1024**3),

@@ -3,7 +3,10 @@ disk with a size bound, loaded as a PEFT adapter on the shared base modules, and
 requests without LoRA (a disabled adapter leaves the layers computing exactly the base model).
 
 URLs are fetched with SSRF guards: http(s) only, every hop of a redirect chain must resolve to public
-addresses (unless the operator allows private ones), bounded size, time and redirects.
+addresses (unless the operator allows private ones), bounded size, time and redirects. The time bound
+(SDXL_LORA_TIMEOUT_S) is a deadline for the whole download, redirects included: a server trickling
+a byte at a time cannot hold a prediction. Only a complete download that opens as a safetensors file
+enters the cache; anything else is discarded, so one bad answer never poisons a URL.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import hashlib
 import ipaddress
 import os
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from safetensors import SafetensorError, safe_open
 
 from .config import Settings
@@ -23,6 +28,9 @@ from .errors import InputError
 
 MAX_REDIRECTS = 5
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+# The socket waits at most this long for the next bytes, so the deadline is checked at least this
+# often and overshot by at most this much (a healthy server never pauses 10 s mid-file).
+STALL_TIMEOUT_S = 10.0
 ALLOWED_SCHEMES = {"http", "https"}
 
 
@@ -45,12 +53,25 @@ def _check_host(url: str, allow_private: bool) -> None:
             )
 
 
+def _remaining(deadline: float, settings: Settings) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise InputError(
+            f"lora_weights download took longer than the {settings.lora_timeout_s:g} s allowed "
+            "(SDXL_LORA_TIMEOUT_S); nothing was cached."
+        )
+    return left
+
+
 def _download(url: str, dest: Path, settings: Settings) -> None:
-    """Stream `url` to `dest`, following at most MAX_REDIRECTS redirects, each re-checked."""
+    """Stream `url` to `dest` within settings.lora_timeout_s in all, following at most MAX_REDIRECTS
+    redirects, each re-checked."""
+    deadline = time.monotonic() + settings.lora_timeout_s
     for _ in range(MAX_REDIRECTS + 1):
         _check_host(url, settings.lora_allow_private_hosts)
+        timeout = min(_remaining(deadline, settings), STALL_TIMEOUT_S)
         try:
-            response = requests.get(url, stream=True, allow_redirects=False, timeout=settings.lora_timeout_s)
+            response = requests.get(url, stream=True, allow_redirects=False, timeout=timeout)
         except requests.RequestException as e:
             raise InputError(f"lora_weights could not be downloaded from {url}: {e}") from e
         with response:
@@ -59,26 +80,37 @@ def _download(url: str, dest: Path, settings: Settings) -> None:
                 continue
             if response.status_code != 200:
                 raise InputError(f"lora_weights download from {url} failed with HTTP {response.status_code}.")
-            _write_bounded(response, dest, settings.lora_max_bytes)
+            _write_checked(response, dest, settings, deadline)
             return
     raise InputError(f"lora_weights URL redirected more than {MAX_REDIRECTS} times.")
 
 
-def _write_bounded(response: requests.Response, dest: Path, max_bytes: int) -> None:
+def _write_checked(response: requests.Response, dest: Path, settings: Settings, deadline: float) -> None:
+    """Write the body next to `dest` and move it into place only once it is whole and a valid file."""
+    max_bytes = settings.lora_max_bytes
     too_big = InputError(f"lora_weights is larger than the {max_bytes // 1024**2} MB allowed.")
-    if int(response.headers.get("Content-Length") or 0) > max_bytes:
+    declared = int(response.headers.get("Content-Length") or -1)
+    if declared > max_bytes:
         raise too_big
     partial, written = dest.with_suffix(".part"), 0
     try:
         with open(partial, "wb") as f:
-            for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
+            # read1 returns whatever has arrived, so the deadline is checked between reads however
+            # slowly the bytes come (iter_content would wait for a whole chunk).
+            while chunk := response.raw.read1(DOWNLOAD_CHUNK_BYTES, decode_content=True):
                 written += len(chunk)
                 if written > max_bytes:
                     raise too_big
                 f.write(chunk)
+                _remaining(deadline, settings)
+        if declared >= 0 and written != declared and not response.headers.get("Content-Encoding"):
+            raise InputError(
+                f"lora_weights download ended after {written} of its {declared} bytes; nothing was cached."
+            )
+        check_safetensors(partial)
         os.replace(partial, dest)
-    except requests.RequestException as e:
-        raise InputError(f"lora_weights download was interrupted: {e}") from e
+    except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as e:
+        raise InputError(f"lora_weights download was interrupted: {e}; nothing was cached.") from e
     finally:
         partial.unlink(missing_ok=True)
 

@@ -10,10 +10,12 @@ side of letting a request run: a miss is still caught as an out-of-memory error 
 from __future__ import annotations
 
 import gc
+import math
 from dataclasses import dataclass
 
 import torch
 
+from .config import PROMPT_CHUNK_TOKENS
 from .errors import InputError
 from .request import GenerationRequest
 
@@ -23,6 +25,12 @@ GIB = 1024**3
 UNET_ACTIVATION_BYTES_PER_MEGAPIXEL = int(1.0 * GIB)
 # Peak of one VAE decode per megapixel (fp16); the mid-block attention dominates.
 VAE_DECODE_BYTES_PER_MEGAPIXEL = int(3.0 * GIB)
+# Each 75-token prompt chunk past the first (which the figures above include), for prompt and negative
+# prompt: the text encoders' activations (~6.5 MB per chunk at full size), and per image and megapixel
+# one cross-attention's scores at the 64x64 latent level should SDPA fall back to its math kernel
+# (2 CFG halves x 10 heads x 4096 queries x 77 keys x 2 bytes = 12.6 MB, rounded up).
+TEXT_ENCODER_BYTES_PER_CHUNK = int(6.5 * 1024**2)
+CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL = 16 * 1024**2
 # The CUDA context, allocator fragmentation and cuDNN workspaces.
 RESERVE_BYTES = int(1.5 * GIB)
 # What a GPU must serve with every module resident for low-VRAM mode to stay off: four 1024px images
@@ -38,6 +46,19 @@ def activation_bytes(width: int, height: int, num_outputs: int) -> int:
     )
 
 
+def prompt_chunks(prompt_tokens: int) -> int:
+    return max(1, math.ceil(prompt_tokens / PROMPT_CHUNK_TOKENS))
+
+
+def prompt_bytes(prompt_tokens: int, width: int, height: int, num_outputs: int) -> int:
+    """What a prompt longer than one chunk adds (both prompts are padded to the longer one's chunks)."""
+    extra = prompt_chunks(prompt_tokens) - 1
+    per_chunk = 2 * TEXT_ENCODER_BYTES_PER_CHUNK + int(
+        CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL * width * height / MEGAPIXEL * num_outputs
+    )
+    return extra * per_chunk
+
+
 def needs_low_vram(capacity_bytes: int | None, weights_bytes: int) -> bool:
     """True when all the weights plus the reference request would not fit the GPU: below about 19.8 GiB
     for SDXL in fp16 (11.25 GiB of weights + 1.5 reserve + 7 of activations): 24 GB cards stay resident."""
@@ -51,17 +72,22 @@ class MemoryBudget:
     capacity_bytes: int | None  # None: no known limit (CPU), nothing is refused up front
     resident_bytes: int  # the most weights on the device at once (all of them, or one stage's in low-VRAM mode)
 
-    def estimate(self, req: GenerationRequest) -> int:
-        return self.resident_bytes + RESERVE_BYTES + activation_bytes(req.width, req.height, req.num_outputs)
+    def estimate(self, req: GenerationRequest, prompt_tokens: int = 0) -> int:
+        return (
+            self.resident_bytes
+            + RESERVE_BYTES
+            + activation_bytes(req.width, req.height, req.num_outputs)
+            + prompt_bytes(prompt_tokens, req.width, req.height, req.num_outputs)
+        )
 
-    def check(self, req: GenerationRequest) -> None:
+    def check(self, req: GenerationRequest, prompt_tokens: int = 0) -> None:
         if self.capacity_bytes is None:
             return
-        needed = self.estimate(req)
+        needed = self.estimate(req, prompt_tokens)
         if needed > self.capacity_bytes:
             raise InputError(
-                f"{req.num_outputs} image(s) at {req.width}x{req.height} need about {needed / GIB:.1f} GiB of GPU memory, "
-                f"but the GPU has {self.capacity_bytes / GIB:.1f} GiB: lower num_outputs or width/height."
+                f"{_what(req, prompt_tokens)} need about {needed / GIB:.1f} GiB of GPU memory, "
+                f"but the GPU has {self.capacity_bytes / GIB:.1f} GiB: {_advice(req, prompt_tokens)}."
             )
 
 
@@ -79,9 +105,28 @@ def release_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def out_of_memory_error(req: GenerationRequest) -> InputError:
-    refiner = " with the refiner" if req.refine != "no_refiner" else ""
+def _what(req: GenerationRequest, prompt_tokens: int) -> str:
+    what = f"{req.num_outputs} image(s) at {req.width}x{req.height}"
+    if req.refine != "no_refiner":
+        what += " with the refiner"
+    if prompt_chunks(prompt_tokens) > 1:
+        what += f" from a {prompt_tokens}-token prompt ({prompt_chunks(prompt_tokens)} chunks of {PROMPT_CHUNK_TOKENS})"
+    return what
+
+
+def _advice(req: GenerationRequest, prompt_tokens: int) -> str:
+    levers = ["lower num_outputs or width/height"]
+    if req.refine != "no_refiner":
+        levers.append("use refine=no_refiner")
+    if prompt_chunks(prompt_tokens) > 1:
+        levers.append(
+            f"shorten the prompt (every {PROMPT_CHUNK_TOKENS} tokens past the first {PROMPT_CHUNK_TOKENS} cost memory)"
+        )
+    return ", or ".join(levers)
+
+
+def out_of_memory_error(req: GenerationRequest, prompt_tokens: int = 0) -> InputError:
     return InputError(
-        f"Out of GPU memory generating {req.num_outputs} image(s) at {req.width}x{req.height}{refiner}: "
-        "lower num_outputs, width/height, or use refine=no_refiner. The server is ready for the next request."
+        f"Out of GPU memory generating {_what(req, prompt_tokens)}: {_advice(req, prompt_tokens)}. "
+        "The server is ready for the next request."
     )

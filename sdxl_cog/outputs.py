@@ -2,12 +2,16 @@
 writes them (PNG `parameters` text chunk; EXIF UserComment for JPEG and WebP), so that any SD tool can
 read back how an image was made.
 
-The runtime never deletes output files, so each prediction clears the previous one's directory.
+The runtime never deletes output files: the server removes its own, and only its own, once they are
+no longer the latest few (OutputDirectory).
 """
 
 from __future__ import annotations
 
+import collections
+import os
 import shutil
+import stat
 import struct
 import time
 import uuid
@@ -111,35 +115,64 @@ COGLET_PREDICTIONS_DIR = Path("/tmp/coglet/predictions")
 RUNTIME_LEFTOVER_AGE_S = 60
 
 
+def _real_directory(entry: os.DirEntry) -> bool:
+    return entry.is_dir(follow_symlinks=False)
+
+
 def sweep_empty_runtime_dirs(root: Path = COGLET_PREDICTIONS_DIR, min_age_s: float = RUNTIME_LEFTOVER_AGE_S) -> None:
-    """Remove the runtime's old, empty per-prediction directories; rmdir never removes anything holding data."""
+    """Remove the runtime's old, empty per-prediction directories; rmdir never removes anything holding data.
+
+    Links are never followed (a link in the tree, or the tree itself being one, is left alone) and
+    nothing outside `root` is touched: a client-chosen prediction id can make coglet create odd names."""
+    if root.is_symlink() or not root.is_dir():
+        return
     cutoff = time.time() - min_age_s
-    for prediction in root.glob("*"):
-        try:
-            if prediction.stat().st_mtime >= cutoff:
-                continue  # possibly a prediction in flight
-            for part in prediction.iterdir():
-                part.rmdir()
-            prediction.rmdir()
-        except OSError:
-            pass  # not empty, or already gone
+    with os.scandir(root) as predictions:
+        for prediction in predictions:
+            try:
+                if not _real_directory(prediction) or prediction.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue  # not coglet's, or possibly a prediction in flight
+                with os.scandir(prediction.path) as parts:
+                    for part in parts:
+                        if _real_directory(part):
+                            os.rmdir(part.path)
+                os.rmdir(prediction.path)
+            except OSError:
+                pass  # not empty, or already gone
 
 
 class OutputDirectory:
-    """One directory per prediction under `root`; starting a prediction removes the previous one's files."""
+    """One directory per prediction under `root`, made by this server; the oldest of them is removed
+    once more than `keep` exist. Nothing else under `root` is ever touched, whoever put it there.
 
-    def __init__(self, root: Path):
+    Keeping the latest few lets an operator recover images whose upload failed: coglet uploads them to
+    --upload-url after predict() returns, once, and fails the prediction if that PUT fails."""
+
+    def __init__(self, root: Path, keep: int = 1):
         self.root = root
+        self.keep = max(1, keep)
+        self.made: collections.deque[Path] = collections.deque()
         self.current: Path | None = None
 
     def start_prediction(self) -> tuple[Path, str]:
-        if self.root.exists():
-            shutil.rmtree(self.root, ignore_errors=True)
+        while len(self.made) >= self.keep:
+            _remove_own(self.made.popleft())
         sweep_empty_runtime_dirs()
         tag = uuid.uuid4().hex[:12]
         self.current = self.root / tag
-        self.current.mkdir(parents=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.current.mkdir()  # a fresh name: fails rather than adopt a directory someone else made
+        self.made.append(self.current)
         return self.current, tag
+
+
+def _remove_own(directory: Path) -> None:
+    """Remove a directory this server made, unless something replaced it with a link."""
+    try:
+        if stat.S_ISDIR(os.lstat(directory).st_mode):
+            shutil.rmtree(directory)
+    except OSError:
+        pass  # already gone
 
 
 def encode_all(

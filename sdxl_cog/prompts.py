@@ -5,6 +5,9 @@ The stock SDXL pipeline silently drops every token past the 75th. Here a prompt 
 concatenated along the sequence axis (the UNet's cross-attention accepts any length). A prompt of at
 most 75 tokens gives exactly the stock pipeline's embeddings. The pooled embedding, which conditions
 the UNet globally, comes from the first chunk as in AUTOMATIC1111.
+
+Length is bounded (config.MAX_PROMPT_TOKENS per prompt): each chunk costs text-encoder memory and
+every UNet step's cross-attention, so an unbounded prompt could hold a GPU for hours or exhaust it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import CLIPTokenizer, PreTrainedModel
+
+from .config import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, PROMPT_CHUNK_TOKENS
+from .errors import InputError
 
 
 @dataclass
@@ -26,8 +32,32 @@ class PromptEmbeddings:
         return dict(vars(self))
 
 
+def _token_ids(tokenizer: CLIPTokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def check_prompt_lengths(tokenizers: list[CLIPTokenizer], prompt: str, negative_prompt: str) -> int:
+    """Refuse a prompt over the budget before any work; returns the longer prompt's length in tokens."""
+    longest = 0
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        # Characters first: the tokenizer never sees more than MAX_PROMPT_CHARS (the schema's max_length).
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InputError(
+                f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} characters and "
+                f"{MAX_PROMPT_TOKENS} tokens are accepted: shorten it."
+            )
+        tokens = max(len(_token_ids(t, text)) for t in tokenizers)
+        if tokens > MAX_PROMPT_TOKENS:
+            raise InputError(
+                f"{name} is {tokens} tokens long; at most {MAX_PROMPT_TOKENS} tokens "
+                f"({MAX_PROMPT_TOKENS // PROMPT_CHUNK_TOKENS} chunks of {PROMPT_CHUNK_TOKENS}) are accepted: shorten it."
+            )
+        longest = max(longest, tokens)
+    return longest
+
+
 def _token_chunks(tokenizer: CLIPTokenizer, text: str) -> list[list[int]]:
-    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    ids = _token_ids(tokenizer, text)
     body = tokenizer.model_max_length - 2  # room left by BOS and EOS
     return [ids[i : i + body] for i in range(0, len(ids), body)] or [[]]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import images
+from . import images, uploads
 from .config import DEFAULT_SIDE, MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from .errors import InputError
 
@@ -111,7 +111,12 @@ def build_request(
     high_noise_frac: float,
     refine_steps: int | None,
     refine_strength: float,
+    files_from_client: bool = True,
 ) -> GenerationRequest:
+    """`files_from_client`: image and mask came over HTTP, so only files Cog downloaded for this request
+    are read (sdxl_cog/uploads.py); False for callers that pass their own local files (tests, benchmarks)."""
+    if files_from_client:
+        image, mask = uploads.client_file(image, "image"), uploads.client_file(mask, "mask")
     for name, side in (("width", width), ("height", height)):
         if side is not None:
             check_side(name, side)

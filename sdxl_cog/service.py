@@ -15,8 +15,10 @@ from .lora import LoraAdapters
 from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
 from .outputs import OutputDirectory, encode_all, parameters_text
 from .pipelines import load_models, model_name
+from .prompts import check_prompt_lengths
 from .request import GenerationRequest
 from .schedulers import SCHEDULERS
+from .uploads import claim_input_dir, sweep_stale_inputs
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,18 @@ class SDXLService:
         self.models = load_models(settings)
         self.model_name = model_name(self.models.manifest)
         self.loras = LoraAdapters(self.models.base_pipeline, settings)
-        self.outputs = OutputDirectory(settings.output_dir)
+        self.outputs = OutputDirectory(settings.output_dir, settings.output_keep)
+        claim_input_dir(settings.input_dir)
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.models.placement.peak_bytes)
 
     def predict(
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
     ) -> Prediction:
-        self.budget.check(req)
+        self.settings.prediction_marker.touch()  # for the liveness probe: a prediction did start
+        prompt_tokens = check_prompt_lengths(self._tokenizers(), req.prompt, req.negative_prompt)
+        self.budget.check(req, prompt_tokens)
         started = time.perf_counter()
+        sweep_stale_inputs()
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
         out_of_memory = False
@@ -61,7 +67,7 @@ class SDXLService:
         if out_of_memory:
             # Outside the except block, so the failed request's tensors are no longer referenced.
             release_memory(self.settings.device)
-            raise out_of_memory_error(req)
+            raise out_of_memory_error(req, prompt_tokens)
         for i, flagged in enumerate(result.nsfw_flags):
             if flagged:
                 print(
@@ -76,13 +82,21 @@ class SDXLService:
         timings = {**result.timings, "image_encoding": time.perf_counter() - encode_started}
         timings["total"] = time.perf_counter() - started
         print("Timings: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()), flush=True)
+        # coglet uploads or returns the files after predict(); should that fail, its error is all the
+        # client gets. These metrics still arrive with it: the seeds regenerate the images exactly, and
+        # the names find them in SDXL_OUTPUT_DIR, kept for the next output_keep predictions.
         metrics = {
             "seeds": list(req.seeds),
+            "output_files": [f"{tag}/{p.name}" for p in paths],
             "nsfw_flagged": result.nsfw_flags,
             **{f"{stage}_steps": n for stage, n in result.steps.items()},
             **{f"{phase}_time": round(seconds, 4) for phase, seconds in timings.items()},
         }
         return Prediction(paths, metrics)
+
+    def _tokenizers(self) -> list:
+        components = self.models.base.components
+        return [components[name] for name in ("tokenizer", "tokenizer_2") if components.get(name) is not None]
 
     def _fields(self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float) -> dict[str, object]:
         """The A1111-style generation parameters embedded in each image."""

@@ -43,7 +43,8 @@ DEFAULT_OPTIONS = OutputOptions(output_format="png", output_quality=80, apply_wa
 
 
 def make_request(**overrides):
-    return build_request(**{**REQUEST_DEFAULTS, **overrides})
+    """A request as the engine builds it; image and mask are the test's own local files."""
+    return build_request(**{**REQUEST_DEFAULTS, **overrides}, files_from_client=False)
 
 
 def pixels(path_or_image) -> np.ndarray:
@@ -71,6 +72,8 @@ def settings(tiny_weights, tmp_path_factory) -> Settings:
         weights_dir=tiny_weights,
         device="cpu",
         output_dir=scratch / "outputs",
+        input_dir=scratch / "inputs",
+        prediction_marker=scratch / "prediction-started",
         lora_cache_dir=scratch / "lora-cache",
         lora_local_dirs=(scratch / "loras",),
     )

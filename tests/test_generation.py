@@ -19,7 +19,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from sdxl_cog.outputs import read_parameters
+from sdxl_cog.outputs import OutputDirectory, read_parameters
 from sdxl_cog.pipelines import Model
 from sdxl_cog.schedulers import SCHEDULERS
 from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, make_request, max_diff, pixels
@@ -244,11 +244,10 @@ def test_inpaint_mask_of_another_size_is_fitted_to_the_image(service, tmp_path):
     assert np.array_equal(out[:, :128], pixels(source)[:, :128])
 
 
-def test_previous_outputs_are_removed(service):
-    first = run(service).paths[0]
-    assert first.exists()
-    second = run(service).paths[0]
-    assert second.exists() and not first.exists()
+def test_outputs_older_than_the_kept_predictions_are_removed(service, monkeypatch):
+    monkeypatch.setattr(service, "outputs", OutputDirectory(service.settings.output_dir, keep=2))
+    paths = [run(service).paths[0] for _ in range(3)]
+    assert [p.exists() for p in paths] == [False, True, True]
 
 
 def test_output_formats_and_embedded_parameters(service):

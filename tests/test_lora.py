@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -60,9 +61,39 @@ def lora_files(tiny_weights, settings) -> dict[str, Path]:
 class _Files(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     hits: list[str] = []
+    # /trickle/NAME sends NAME a byte at a time; /lie/NAME declares a Content-Length other than the
+    # body's while `lie` is set (True: shorter, so the client stops early; "long": longer, then hangs up).
+    lie: bool | str = False
+    TRICKLE_INTERVAL_S = 0.05
 
     def do_GET(self):  # noqa: N802
         type(self).hits.append(self.path)
+        kind, _, name = self.path.split("?")[0].lstrip("/").partition("/")
+        if kind == "trickle":
+            body = self.files[name]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(self.TRICKLE_INTERVAL_S)
+            except BrokenPipeError:
+                pass  # the client gave up, as it should
+            return
+        if kind == "lie" and self.lie:
+            body = self.files[name]
+            declared = len(body) // 2 if self.lie is True else len(body) * 2
+            self.send_response(200)
+            self.send_header("Content-Length", str(declared))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
+        if kind == "lie":
+            self.path = "/" + name
         if self.path.startswith("/loop"):
             self.send_response(302)
             self.send_header("Location", "/loop")
@@ -160,3 +191,37 @@ def test_redirect_loops_and_oversized_files_are_refused(service, file_server, lo
     service.loras.settings = dataclasses.replace(loopback_allowed, lora_max_bytes=1000)
     with pytest.raises(InputError, match="larger than"):
         generate(service, f"{file_server}/kohya")
+
+
+def cached_files(settings) -> list[Path]:
+    return sorted(settings.lora_cache_dir.glob("*"))
+
+
+def test_the_timeout_is_a_deadline_for_the_whole_download(service, file_server, loopback_allowed):
+    # Each byte comes well within any per-read timeout; the whole file would take minutes.
+    service.loras.settings = dataclasses.replace(loopback_allowed, lora_timeout_s=1.0)
+    before = cached_files(loopback_allowed)
+    started = time.monotonic()
+    with pytest.raises(
+        InputError, match=r"took longer than the 1 s allowed \(SDXL_LORA_TIMEOUT_S\); nothing was cached"
+    ):
+        generate(service, f"{file_server}/trickle/peft", 1.0)
+    print(f"\n[trickle] refused after {time.monotonic() - started:.2f} s with SDXL_LORA_TIMEOUT_S=1")
+    assert cached_files(loopback_allowed) == before
+
+
+@pytest.mark.parametrize("lie", [True, "long"], ids=["content-length-shorter-than-body", "longer-than-body"])
+def test_a_download_that_is_not_whole_is_never_cached(service, file_server, loopback_allowed, lie):
+    url = f"{file_server}/lie/peft?{lie}"
+    base = generate(service)
+    before = cached_files(loopback_allowed)
+    _Files.lie = lie
+    try:
+        with pytest.raises(InputError, match="nothing was cached|not a valid .safetensors file"):
+            generate(service, url, 1.0)
+    finally:
+        _Files.lie = False
+    assert cached_files(loopback_allowed) == before
+    assert np.array_equal(generate(service), base)
+    # The URL is not poisoned: once it serves the whole file, the LoRA loads and applies.
+    assert np.abs(generate(service, url, 1.0) - base).max() > 0

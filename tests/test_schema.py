@@ -129,6 +129,9 @@ def test_engine_constants_match_predict_py():
         assert f"Default {config.DEFAULT_SIDE} " in props[side]["description"]
         assert f"multiple of {config.SIDE_MULTIPLE}." in props[side]["description"]
     assert props["seed"]["maximum"] == config.MAX_SEED
+    for prompt in ("prompt", "negative_prompt"):
+        assert props[prompt]["maxLength"] == config.MAX_PROMPT_CHARS
+        assert f"Up to {config.MAX_PROMPT_TOKENS} tokens" in props[prompt]["description"]
     assert props["high_noise_frac"]["default"] == config.DEFAULT_HIGH_NOISE_FRAC
     assert props["output_quality"]["default"] == config.DEFAULT_OUTPUT_QUALITY
     assert schema["scheduler"]["enum"] == list(SCHEDULERS)
