@@ -1,13 +1,16 @@
 """Every tunable of the server in one place: input bounds shared by predict.py and the engine, and the
-environment variables an operator sets. Each constant says where its number comes from."""
+environment variables an operator sets. Each constant says where its number comes from. Importing it needs no
+torch (scripts and tools read it); Settings.from_env, run in setup(), resolves the device and dtype."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +49,56 @@ MAX_PROMPT_CHARS = MAX_PROMPT_TOKENS * CHARS_PER_TOKEN_CEILING
 WATERMARK_MIN_SIDE = 256
 
 
+# --- Units --------------------------------------------------------------------------------------------------
+MEGAPIXEL = 1024 * 1024
+GIB = 1024**3
+
+# --- Input images (images.py, uploads.py) -------------------------------------------------------------------
+# Far above any useful SDXL input (SDXL works at ~1 MP), far below what a decompression bomb declares.
+MAX_INPUT_PIXELS = 50_000_000
+# Masks are binarised at half intensity: white (>= 128) is repainted, black is kept.
+MASK_THRESHOLD = 128
+# coglet's downloads give up after 10 s without a byte (requests' read timeout in cog/types.py), and a
+# file is written to on every chunk: a file untouched for an hour belongs to no download in flight.
+STALE_INPUT_AGE_S = 3600
+
+# --- The GPU memory budget (memory.py): estimates, to calibrate on a GPU with bench/generation_gpu.py -------
+# Per image and megapixel, both CFG halves included (fp16, SDPA).
+UNET_ACTIVATION_BYTES_PER_MEGAPIXEL = int(1.0 * GIB)
+# Peak of one VAE decode per megapixel (fp16); the mid-block attention dominates.
+VAE_DECODE_BYTES_PER_MEGAPIXEL = int(3.0 * GIB)
+# Each 75-token prompt chunk past the first (which the figures above include), for prompt and negative
+# prompt: the text encoders' activations (~6.5 MB per chunk at full size), and per image and megapixel
+# one cross-attention's scores at the 64x64 latent level should SDPA fall back to its math kernel
+# (2 CFG halves x 10 heads x 4096 queries x 77 keys x 2 bytes = 12.6 MB, rounded up).
+TEXT_ENCODER_BYTES_PER_CHUNK = int(6.5 * 1024**2)
+CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL = 16 * 1024**2
+# The CUDA context, allocator fragmentation and cuDNN workspaces.
+RESERVE_BYTES = int(1.5 * GIB)
+# What a GPU must serve with every module resident for low-VRAM mode to stay off: four 1024px images
+# (the issue's "base + refiner fit a 24 GB GPU at 1024x1024 with num_outputs 4").
+REFERENCE_REQUEST = dict(width=1024, height=1024, num_outputs=4)
+
+# --- LoRA downloads (lora.py) -------------------------------------------------------------------------------
+# Hub and CDN links redirect once or twice (a Hugging Face resolve URL to its CDN): more is a loop.
+MAX_REDIRECTS = 5
+# The socket waits at most this long for the next bytes, so the deadline is checked at least this
+# often and overshot by at most this much (a healthy server never pauses 10 s mid-file).
+STALL_TIMEOUT_S = 10.0
+
+# --- Outputs (outputs.py) -----------------------------------------------------------------------------------
+# PNG stays lossless, and its encode sits on every request's critical path. Pillow's encoder tries four
+# filters on every row and keeps the best, which alone costs ~60 ms for a 1024px image and cannot be
+# turned off. OpenCV's libpng encoder takes a fixed filter: the Up filter with zlib level 1 and the
+# run-length strategy gives the same file size in 36 ms of CPU instead of 99 ms (bench/encoding.py).
+PNG_COMPRESS_LEVEL = 1
+# WebP at quality 100 is written lossless: asking for the top quality should not still lose detail.
+WEBP_LOSSLESS_QUALITY = 100
+# coglet's empty per-prediction directories (outputs.sweep_empty_runtime_dirs) are swept once this old: a
+# prediction in flight is younger.
+RUNTIME_LEFTOVER_AGE_S = 60
+
+
 def _env_path(name: str, default: Path) -> Path:
     return Path(os.environ.get(name) or default)
 
@@ -65,13 +118,14 @@ def _env_int(name: str, default: int) -> int:
     return default if not value else int(value)
 
 
+# SDXL_DTYPE's accepted names, to the torch dtype's name (resolved in Settings.from_env, where torch is loaded).
 DTYPES = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
 }
 
 
@@ -98,6 +152,9 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        # torch only here, in setup(), where the engine has loaded it anyway: scripts import this module without it.
+        import torch
+
         device = os.environ.get("SDXL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
         # fp16 on CUDA (the fp16-fix VAE makes it safe); fp32 on CPU, where fp16 matmuls are emulated.
         default_dtype = "float16" if device.startswith("cuda") else "float32"
@@ -108,7 +165,7 @@ class Settings:
         return cls(
             weights_dir=weights_dir,
             device=device,
-            dtype=DTYPES[dtype_name],
+            dtype=getattr(torch, DTYPES[dtype_name]),
             verify_weights_hash=_env_bool("SDXL_VERIFY_WEIGHTS_HASH", False),
             # Off by default: it pays only where the disk is much faster than the loader (sdxl_cog/prefetch.py).
             prefetch_weights=_env_bool("SDXL_PREFETCH_WEIGHTS", False),

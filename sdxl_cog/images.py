@@ -12,13 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from .config import MASK_THRESHOLD, MAX_INPUT_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from .errors import InputError
 
-# Far above any useful SDXL input (SDXL works at ~1 MP), far below what a decompression bomb declares.
-MAX_INPUT_PIXELS = 50_000_000
-# Masks are binarised at half intensity: white (>= 128) is repainted, black is kept.
-MASK_THRESHOLD = 128
 # Transparent areas of a source image are shown on white, as image editors display them.
 TRANSPARENT_BACKGROUND = (255, 255, 255)
 

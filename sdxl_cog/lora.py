@@ -23,14 +23,10 @@ import requests
 import urllib3
 from safetensors import SafetensorError, safe_open
 
-from .config import Settings
+from .config import MAX_REDIRECTS, STALL_TIMEOUT_S, Settings
 from .errors import InputError
 
-MAX_REDIRECTS = 5
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
-# The socket waits at most this long for the next bytes, so the deadline is checked at least this
-# often and overshot by at most this much (a healthy server never pauses 10 s mid-file).
-STALL_TIMEOUT_S = 10.0
 ALLOWED_SCHEMES = {"http", "https"}
 
 

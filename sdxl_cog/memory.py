@@ -15,27 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PROMPT_CHUNK_TOKENS
+from .config import (
+    CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL,
+    GIB,
+    MEGAPIXEL,
+    PROMPT_CHUNK_TOKENS,
+    REFERENCE_REQUEST,
+    RESERVE_BYTES,
+    TEXT_ENCODER_BYTES_PER_CHUNK,
+    UNET_ACTIVATION_BYTES_PER_MEGAPIXEL,
+    VAE_DECODE_BYTES_PER_MEGAPIXEL,
+)
 from .errors import InputError
 from .request import GenerationRequest
-
-MEGAPIXEL = 1024 * 1024
-GIB = 1024**3
-# Per image and megapixel, both CFG halves included (fp16, SDPA).
-UNET_ACTIVATION_BYTES_PER_MEGAPIXEL = int(1.0 * GIB)
-# Peak of one VAE decode per megapixel (fp16); the mid-block attention dominates.
-VAE_DECODE_BYTES_PER_MEGAPIXEL = int(3.0 * GIB)
-# Each 75-token prompt chunk past the first (which the figures above include), for prompt and negative
-# prompt: the text encoders' activations (~6.5 MB per chunk at full size), and per image and megapixel
-# one cross-attention's scores at the 64x64 latent level should SDPA fall back to its math kernel
-# (2 CFG halves x 10 heads x 4096 queries x 77 keys x 2 bytes = 12.6 MB, rounded up).
-TEXT_ENCODER_BYTES_PER_CHUNK = int(6.5 * 1024**2)
-CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL = 16 * 1024**2
-# The CUDA context, allocator fragmentation and cuDNN workspaces.
-RESERVE_BYTES = int(1.5 * GIB)
-# What a GPU must serve with every module resident for low-VRAM mode to stay off: four 1024px images
-# (the issue's "base + refiner fit a 24 GB GPU at 1024x1024 with num_outputs 4").
-REFERENCE_REQUEST = dict(width=1024, height=1024, num_outputs=4)
 
 
 def activation_bytes(width: int, height: int, num_outputs: int) -> int:

@@ -26,11 +26,8 @@ import piexif
 import piexif.helper
 from PIL import Image
 
-# PNG stays lossless, and its encode sits on every request's critical path. Pillow's encoder tries four
-# filters on every row and keeps the best, which alone costs ~60 ms for a 1024px image and cannot be
-# turned off. OpenCV's libpng encoder takes a fixed filter: the Up filter with zlib level 1 and the
-# run-length strategy gives the same file size in 36 ms of CPU instead of 99 ms (bench/encoding.py).
-PNG_COMPRESS_LEVEL = 1
+from .config import PNG_COMPRESS_LEVEL, RUNTIME_LEFTOVER_AGE_S, WEBP_LOSSLESS_QUALITY
+
 PNG_PARAMS = [
     cv2.IMWRITE_PNG_COMPRESSION,
     PNG_COMPRESS_LEVEL,
@@ -41,8 +38,6 @@ PNG_PARAMS = [
 ]
 # The IHDR chunk comes first in every PNG: 8-byte signature + 4 length + 4 type + 13 data + 4 CRC.
 PNG_AFTER_IHDR = 8 + 4 + 4 + 13 + 4
-# WebP at quality 100 is written lossless: asking for the top quality should not still lose detail.
-WEBP_LOSSLESS_QUALITY = 100
 
 
 def parameters_text(prompt: str, negative_prompt: str, fields: dict[str, object]) -> str:
@@ -112,7 +107,6 @@ def read_parameters(path: Path) -> str:
 # coglet 0.23 leaves empty inputs/ and outputs/ directories per prediction under this fixed path
 # (ignoring TMPDIR): 3 directories a prediction, forever. Empty ones older than this are swept.
 COGLET_PREDICTIONS_DIR = Path("/tmp/coglet/predictions")
-RUNTIME_LEFTOVER_AGE_S = 60
 
 
 def _real_directory(entry: os.DirEntry) -> bool:

@@ -25,13 +25,11 @@ import tempfile
 import time
 from pathlib import Path, PurePath
 
+from .config import STALE_INPUT_AGE_S
 from .errors import InputError
 
 # tempfile's names: its prefix "tmp" and 8 characters of its alphabet (tempfile._RandomNameSequence).
 MATERIALISED_NAME = re.compile(r"tmp[a-z0-9_]{8}")
-# coglet's downloads give up after 10 s without a byte (requests' read timeout in cog/types.py), and a
-# file is written to on every chunk: a file untouched for an hour belongs to no download in flight.
-STALE_INPUT_AGE_S = 3600
 
 
 def refusal(what: str) -> InputError:
