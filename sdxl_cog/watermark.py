@@ -145,6 +145,7 @@ def _mark_chroma(u: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return out.to(torch.int32)
 
 
+@torch.inference_mode()
 def watermark_images(rgb: torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 RGB images, on any device, with the SDXL watermark embedded.
 

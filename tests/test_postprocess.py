@@ -4,6 +4,8 @@ and paste-back against the PIL code they replaced."""
 
 from __future__ import annotations
 
+import time
+
 import cv2
 import matplotlib.cbook
 import numpy as np
@@ -20,6 +22,7 @@ from sdxl_cog.generate import to_uint8
 from sdxl_cog.safety import SafetyChecker
 from sdxl_cog.testing.synthetic import SAFETY_CHECKER_DIR
 from sdxl_cog.watermark import _rgb_from_formula, _yuv_from_formula, watermark_images
+from tests.conftest import DEFAULT_OPTIONS, make_request
 
 # Two photographs bundled with matplotlib (a portrait and a product shot), scaled to each size.
 PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
@@ -178,3 +181,28 @@ def test_safety_check_is_batched(checker):
     together = checker.clip_input(torch.from_numpy(batch))
     one_by_one = torch.cat([checker.clip_input(torch.from_numpy(image)[None]) for image in batch])
     torch.testing.assert_close(together, one_by_one)
+
+
+# --- The pipeline ---------------------------------------------------------------------------------------
+
+
+def test_each_image_is_written_while_the_next_one_decodes(service, monkeypatch):
+    """The second decode waits for the first image's file: if encoding only started after the last decode,
+    it would wait in vain and the request would fail."""
+    vae = service.models.base.components["vae"]
+    decode, calls = vae.decode, []
+
+    def decode_after_the_previous_file(*args, **kwargs):
+        if calls:
+            previous = next(service.outputs.current.glob(f"*-{len(calls) - 1}.png"), None)
+            deadline = time.monotonic() + 30
+            while previous is None or not previous.exists():
+                assert time.monotonic() < deadline, "image 0 was not written while image 1 was waiting to decode"
+                time.sleep(0.01)
+                previous = next(service.outputs.current.glob(f"*-{len(calls) - 1}.png"), None)
+        calls.append(len(calls))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", decode_after_the_previous_file)
+    prediction = service.predict(make_request(num_outputs=2, seed=4), DEFAULT_OPTIONS, None, 0.6)
+    assert calls == [0, 1] and all(path.exists() for path in prediction.paths)
