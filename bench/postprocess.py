@@ -200,13 +200,27 @@ def cog_sdxl_phases(samples, checker, out: Path, repeat: int, device: str) -> tu
 # --- End to end: latents to paths ---------------------------------------------------------------------------
 
 
-def new_after_denoise(vae, latents, checker, out: Path, device: str) -> tuple[float, float]:
-    run = Run(device)
-    started = time.perf_counter()
-    with BackgroundEncoder([TEXT] * len(latents), out, "e2e-new", "png", 80) as encoder:
-        finish_images(run, vae, latents, None, checker, True, encoder.submit)
-        encoder.wait()
-    return time.perf_counter() - started, run.timings["vae_decode"]
+def new_after_denoise(vae, latents, checker, out: Path, device: str) -> tuple[float, float, float]:
+    """(total, decode time, tail): the tail runs from the end of the last decode to the paths."""
+    run, decode, decode_ends = Run(device), vae.decode, []
+
+    def timed_decode(*args, **kwargs):
+        decoded = decode(*args, **kwargs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        decode_ends.append(time.perf_counter())
+        return decoded
+
+    vae.decode = timed_decode
+    try:
+        started = time.perf_counter()
+        with BackgroundEncoder([TEXT] * len(latents), out, "e2e-new", "png", 80) as encoder:
+            finish_images(run, vae, latents, None, checker, True, encoder.submit)
+            encoder.wait()
+        finished = time.perf_counter()
+    finally:
+        del vae.decode
+    return finished - started, run.timings["vae_decode"], finished - decode_ends[-1]
 
 
 def before_after_denoise(vae, latents, checker, before, out: Path) -> float:
@@ -236,12 +250,21 @@ def main() -> None:
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny", help="VAE and safety checker size")
     parser.add_argument("--repeat", type=int, default=5, help="runs per phase (median)")
     parser.add_argument("--e2e-repeat", type=int, default=3, help="runs of the end-to-end measurement (median)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--before", default=BEFORE_COMMIT, help="git commit of the code to compare against")
     args = parser.parse_args()
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print_header(
         "After the last denoising step (bench/postprocess.py)",
-        {"device": args.device, "dtype": str(dtype), "models": args.size, "before": args.before},
+        {
+            "device": args.device,
+            "dtype": str(dtype),
+            "models": args.size,
+            "before": args.before,
+            "torch_threads": torch.get_num_threads(),
+        },
     )
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -255,6 +278,7 @@ def main() -> None:
             for count in COUNTS:
                 samples = photo_samples(side, count, args.device, dtype)
                 unmarked = list(to_uint8(samples).cpu().numpy())
+                print(f"... {count} x {side}px", file=sys.stderr, flush=True)
                 new, new_images = new_phases(samples, checker, out, args.repeat, args.device)
                 old, _ = before_phases(samples, old_checker, before, out, args.repeat, args.device)
                 cog, cog_images = cog_sdxl_phases(samples, checker, out, args.repeat, args.device)
@@ -274,7 +298,7 @@ def main() -> None:
                 latents = torch.randn(count, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(side))
                 latents = latents.to(args.device, dtype)
                 runs = [new_after_denoise(vae, latents, checker, out, args.device) for _ in range(args.e2e_repeat)]
-                new_total, decode = median([r[0] for r in runs]), median([r[1] for r in runs])
+                new_total, decode, tail = (median([r[i] for r in runs]) for i in range(3))
                 old_total = median(
                     [before_after_denoise(vae, latents, old_checker, before, out) for _ in range(args.e2e_repeat)]
                 )
@@ -285,6 +309,7 @@ def main() -> None:
                     one_encode = new["encode"]
                 e2e_rows.append(
                     [label, f"{decode * 1000:.0f}", f"{new_total * 1000:.0f}", f"{(new_total - decode) * 1000:.1f}",
+                     f"{tail * 1000:.1f}",
                      f"{old_total * 1000:.0f}", f"{cog_total * 1000:.0f}", ratio(old_total, new_total),
                      ratio(cog_total, new_total),
                      f"{(one_encode + BUDGET_SLACK_S) * 1000:.1f}"]
@@ -293,7 +318,8 @@ def main() -> None:
     print_table(["images", "phase", "new", "before", "cog-sdxl", "before/new", "cog-sdxl/new"], phase_rows)
     print("### Latents to paths (ms, median of --e2e-repeat)")
     print_table(
-        ["images", "new: decode", "new: total", "new: total - decode", "before", "cog-sdxl", "before/new",
+        ["images", "new: decode", "new: total", "new: total - decode", "new: last decode to paths", "before",
+         "cog-sdxl", "before/new",
          "cog-sdxl/new", "budget: 1 encode + 10 ms"],
         e2e_rows,
     )  # fmt: skip

@@ -121,10 +121,13 @@ def test_paste_back_equals_pil_composite():
 
 
 # --- Safety checker ---------------------------------------------------------------------------------
-# The tensor path resizes in the same two 8-bit passes as PIL; measured on the images below, its input differs
-# from the PIL path's by at most one grey level (a rounding tie here and there; 1/255 over CLIP's smallest
-# std after normalization), and the scores by at most 2e-6 on the tiny checker.
-CLIP_INPUT_TOLERANCE = 1 / 255 / 0.26130258 + 1e-6
+# The tensor path resizes in the same two 8-bit passes as PIL. Measured on the images below, its input
+# equals the PIL path's but at a few pixels, where a rounding tie of the intermediate 8-bit pass went the
+# other way (at most 2 grey levels seen, after CLIP's normalization 2/255 over its smallest std; the mean
+# difference at most 1.4e-4), and the scores differ by at most 2e-6 on the tiny checker.
+GREY_LEVEL = 1 / 255 / 0.26130258
+CLIP_INPUT_TOLERANCE = 3 * GREY_LEVEL
+CLIP_INPUT_MEAN_TOLERANCE = 1e-3
 SCORE_TOLERANCE = 1e-4
 SAFETY_SIZES = [(256, 256), (1024, 1024), (776, 520), (520, 776), (2048, 1336)]
 
@@ -148,6 +151,7 @@ def test_safety_input_and_scores_match_the_pil_path(checker):
         theirs = pil_path_input(checker, image)
         assert ours.shape == theirs.shape == (1, 3, 224, 224)
         assert (ours - theirs).abs().max() <= CLIP_INPUT_TOLERANCE, image.shape
+        assert (ours - theirs).abs().mean() <= CLIP_INPUT_MEAN_TOLERANCE, image.shape
         scores = checker.concept_scores(ours) - checker.concept_scores(theirs)
         assert scores.abs().max() <= SCORE_TOLERANCE, image.shape
 
@@ -168,7 +172,7 @@ def test_safety_flags_match_the_pil_path_when_the_threshold_splits_the_inputs(ch
         pil_flags = [
             bool(model(clip_input=pil_path_input(checker, image), images=torch.zeros(1, 1))[1][0]) for image in inputs
         ]
-        tensor_flags = [checker.flags(torch.from_numpy(image)[None])[0] for image in inputs]
+        tensor_flags = [checker.flags(torch.from_numpy(image.copy())[None])[0] for image in inputs]
     finally:
         model.concept_embeds_weights.data.copy_(original)
     assert any(pil_flags) and not all(pil_flags)
