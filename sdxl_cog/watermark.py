@@ -163,7 +163,7 @@ def watermark_images(rgb: torch.Tensor) -> torch.Tensor:
 
 def apply_watermark(image: Image.Image) -> Image.Image:
     """The image with the SDXL watermark embedded; images too small to hold it are returned as they are."""
-    rgb = torch.from_numpy(np.asarray(image.convert("RGB")))[None]
+    rgb = torch.from_numpy(np.array(image.convert("RGB")))[None]
     return Image.fromarray(watermark_images(rgb)[0].numpy())
 
 
