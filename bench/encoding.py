@@ -74,10 +74,10 @@ def fidelity(a: Image.Image, b: Image.Image) -> tuple[int, str]:
     return int(np.abs(x - y).max()), "lossless" if mse == 0 else f"{10 * math.log10(255.0**2 / mse):.1f} dB"
 
 
-def _save_png_pillow_default(image: Image.Image, path: Path, quality: int, text: str) -> None:
+def _save_png_pillow_default(image: np.ndarray, path: Path, quality: int, text: str) -> None:
     info = PngInfo()
     info.add_text("parameters", text)
-    image.save(path, format="PNG", pnginfo=info, compress_level=PILLOW_DEFAULT_PNG_LEVEL)
+    Image.fromarray(image).save(path, format="PNG", pnginfo=info, compress_level=PILLOW_DEFAULT_PNG_LEVEL)
 
 
 def _cv2_name(prefix: str, value: int) -> str:
@@ -92,11 +92,11 @@ def png_settings() -> str:
     return f"OpenCV, level {options[cv2.IMWRITE_PNG_COMPRESSION]}, {strategy} strategy, {row_filter} filter"
 
 
-def _save_png_pillow_fastest(image: Image.Image, path: Path, quality: int, text: str) -> None:
+def _save_png_pillow_fastest(image: np.ndarray, path: Path, quality: int, text: str) -> None:
     """The fastest lossless settings Pillow has (the default before OpenCV): level 1, zlib's RLE strategy."""
     info = PngInfo()
     info.add_text("parameters", text)
-    image.save(path, format="PNG", pnginfo=info, compress_level=1, compress_type=zlib.Z_RLE)
+    Image.fromarray(image).save(path, format="PNG", pnginfo=info, compress_level=1, compress_type=zlib.Z_RLE)
 
 
 def cases() -> list[tuple[str, str, object, int]]:
@@ -120,7 +120,7 @@ def cases() -> list[tuple[str, str, object, int]]:
     return rows
 
 
-def time_encoder(encoder, image: Image.Image, path: Path, quality: int, repeat: int) -> list[float]:
+def time_encoder(encoder, image: np.ndarray, path: Path, quality: int, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -133,7 +133,8 @@ def bench_formats(image: Image.Image, scratch: Path, repeat: int) -> None:
     rows = []
     for label, ext, encoder, quality in cases():
         path = scratch / f"single.{ext}"
-        times = time_encoder(encoder, image, path, quality, repeat)
+        # The encoders take what the generator hands over: an (H, W, 3) uint8 RGB array.
+        times = time_encoder(encoder, np.asarray(image), path, quality, repeat)
         with Image.open(path) as decoded:
             max_diff, quality_text = fidelity(image, decoded)
         has_text = TEXT in outputs.read_parameters(path)
@@ -151,7 +152,7 @@ def bench_parallel(images: list[Image.Image], scratch: Path, repeat: int) -> Non
         for i in range(repeat):
             started = time.perf_counter()
             for j, image in enumerate(images):
-                encoder(image, scratch / f"seq-{j}.{fmt}", quality, TEXT)
+                encoder(np.asarray(image), scratch / f"seq-{j}.{fmt}", quality, TEXT)
             sequential.append(time.perf_counter() - started)
             started = time.perf_counter()
             outputs.encode_all(images, texts, scratch, f"par{i}", fmt, quality)

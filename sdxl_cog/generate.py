@@ -1,29 +1,38 @@
-"""Running one GenerationRequest: encode prompts, denoise with the base, optionally refine, decode,
-paste back, safety-check and watermark. Each phase is timed; each denoising step logs one line."""
+"""Running one GenerationRequest: encode prompts, denoise with the base, optionally refine, then per image
+decode, paste back, safety-check, watermark and hand over for encoding. Each phase is timed; each denoising
+step logs one line.
+
+After the last denoising step the images stay uint8 tensors on the generation device until each is handed
+over (one device-to-host copy per image), and each is handed over as soon as it is ready, so that the
+caller encodes image i while image i+1 decodes."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
-from PIL import Image
 
 from . import images
 from .pipelines import LoadedModels, Model, synchronize
 from .placement import Placement
 from .prompts import PromptEmbeddings, encode_prompts
 from .request import GenerationRequest, base_image_refiner_schedule
-from .safety import blacken_flagged
-from .watermark import apply_watermark
+from .safety import SafetyChecker, blacken_flagged
+from .watermark import watermark_images
+
+# Receives each finished image, (H, W, 3) uint8 RGB in host memory, with its index.
+ImageSink = Callable[[int, np.ndarray], None]
 
 
 @dataclass
 class GenerationResult:
-    images: list[Image.Image]
+    images: list[np.ndarray]  # (H, W, 3) uint8 RGB, as handed to the sink
     nsfw_flags: list[bool]
     timings: dict[str, float] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
@@ -121,22 +130,33 @@ def _denoise(
         ).images
 
 
+def to_uint8(sample: torch.Tensor) -> torch.Tensor:
+    """A decoded (N, 3, H, W) sample in [-1, 1] as (N, H, W, 3) uint8, on its device.
+
+    The exact arithmetic of diffusers' VaeImageProcessor.postprocess(output_type="pil"): denormalize in the
+    sample's dtype, then float32 * 255 rounded half to even, so the bytes equal the PIL path's.
+    """
+    pixels = (VaeImageProcessor.denormalize(sample).float() * 255).round_().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous()
+
+
 @torch.inference_mode()
-def _decode(vae: AutoencoderKL, latents: torch.Tensor) -> list[Image.Image]:
-    """One image at a time: a batch of four 1024px decodes would need several GB of activations at once.
+def _decode(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
+    """One latent to a (1, H, W, 3) uint8 image: a batch of four 1024px decodes would need several GB of
+    activations at once.
 
     No fp32 upcast: the VAE is madebyollin's fp16-fix, which does not overflow in half precision.
     """
-    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
-    decoded = []
-    for latent in latents:
-        sample = vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample
-        decoded += processor.postprocess(sample, output_type="pil")
-    return decoded
+    return to_uint8(vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample)
 
 
 def generate(
-    models: LoadedModels, req: GenerationRequest, device: str, safety_check: bool, watermark: bool
+    models: LoadedModels,
+    req: GenerationRequest,
+    device: str,
+    safety_check: bool,
+    watermark: bool,
+    sink: ImageSink | None = None,
 ) -> GenerationResult:
     run = Run(device)
     generators = _generators(req.seeds)
@@ -158,21 +178,43 @@ def generate(
             run, models.placement, models.refiner, req, generators, refiner_embeds, _refiner_kwargs(req, latents)
         )
 
-    # 4. Decode, and restore the kept region of an inpainted image exactly.
+    # 4. Per image: decode, paste back, safety check, watermark, hand over (see finish_images).
     with run.phase("vae_decode"):
-        models.placement.use("vae_decode")
-        decoded = _decode(models.base.components["vae"], latents)
-    if req.mask is not None:
-        decoded = [images.paste_back(img, req.image, req.mask) for img in decoded]
+        models.placement.use("vae_decode_and_safety_check" if safety_check else "vae_decode")
+    kept = images.kept_region(req.image, req.mask, device) if req.mask is not None else None
+    checker = models.safety_checker if safety_check else None
+    finished, flags = finish_images(run, models.base.components["vae"], latents, kept, checker, watermark, sink)
+    return GenerationResult(finished, flags, run.timings, run.steps)
 
-    # 5. Safety check (flagged images become black, never disappear), then the invisible watermark.
-    flags = [False] * len(decoded)
-    if safety_check:
-        with run.phase("safety_check"):
-            models.placement.use("safety_check")
-            flags = models.safety_checker.flags(decoded)
-        decoded = blacken_flagged(decoded, flags)
-    if watermark:
-        with run.phase("watermark"):
-            decoded = [apply_watermark(img) for img in decoded]
-    return GenerationResult(decoded, flags, run.timings, run.steps)
+
+def finish_images(
+    run: Run,
+    vae: AutoencoderKL,
+    latents: torch.Tensor,
+    kept: tuple[torch.Tensor, torch.Tensor] | None,
+    checker: SafetyChecker | None,
+    watermark: bool,
+    sink: ImageSink | None,
+) -> tuple[list[np.ndarray], list[bool]]:
+    """From latents to host images, one image at a time: decode, restore the kept region of an inpainted
+    image exactly, safety check (a flagged image becomes black, never disappears), the invisible watermark,
+    one copy to the host, then the sink (which encodes it in the background while the next one decodes)."""
+    finished, flags = [], []
+    for index, latent in enumerate(latents):
+        with run.phase("vae_decode"):
+            pixels = _decode(vae, latent)
+        if kept is not None:
+            pixels = images.paste_back(pixels, *kept)
+        flagged = False
+        if checker is not None:
+            with run.phase("safety_check"):
+                (flagged,) = checker.flags(pixels)
+            pixels = blacken_flagged(pixels, [flagged])
+        flags.append(flagged)
+        if watermark:
+            with run.phase("watermark"):
+                pixels = watermark_images(pixels)
+        finished.append(pixels[0].cpu().numpy())
+        if sink is not None:
+            sink(index, finished[-1])
+    return finished, flags

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MASK_THRESHOLD, MAX_INPUT_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
@@ -92,9 +93,17 @@ def fit(img: Image.Image, size: tuple[int, int], resample: int = Image.LANCZOS) 
     return img if img.size == size else ImageOps.fit(img, size, method=resample)
 
 
-def paste_back(generated: Image.Image, source: Image.Image, mask: Image.Image) -> Image.Image:
-    """Pixels under the black part of the mask come back exactly as they were in the source."""
-    return Image.composite(generated, source, mask)
+def kept_region(source: Image.Image, mask: Image.Image, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source as an (H, W, 3) uint8 tensor and where the (binarized) mask keeps it, (H, W, 1) bool."""
+    pixels = torch.from_numpy(np.asarray(source.convert("RGB")).copy()).to(device)
+    keep = torch.from_numpy(np.asarray(mask) < MASK_THRESHOLD)[..., None].to(device)
+    return pixels, keep
+
+
+def paste_back(generated: torch.Tensor, source: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Pixels under the black part of the mask come back exactly as they were in the source (the mask is
+    binary, so this equals PIL's Image.composite(generated, source, mask))."""
+    return torch.where(keep, source, generated)
 
 
 def size_from_image(img_size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -66,11 +66,11 @@ def png_text_chunk(keyword: str, text: str) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def _save_png(image: Image.Image, path: Path, quality: int, text: str) -> None:
-    bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
+def _save_png(image: np.ndarray, path: Path, quality: int, text: str) -> None:
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".png", bgr, PNG_PARAMS)
     if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {image.width}x{image.height} PNG")
+        raise RuntimeError(f"OpenCV could not encode a {image.shape[1]}x{image.shape[0]} PNG")
     png = memoryview(encoded)
     with open(path, "wb") as f:
         f.write(png[:PNG_AFTER_IHDR])
@@ -78,16 +78,17 @@ def _save_png(image: Image.Image, path: Path, quality: int, text: str) -> None:
         f.write(png[PNG_AFTER_IHDR:])
 
 
-def _save_jpeg(image: Image.Image, path: Path, quality: int, text: str) -> None:
-    image.save(path, format="JPEG", quality=quality, exif=_exif_with_comment(text), optimize=False)
+def _save_jpeg(image: np.ndarray, path: Path, quality: int, text: str) -> None:
+    Image.fromarray(image).save(path, format="JPEG", quality=quality, exif=_exif_with_comment(text), optimize=False)
 
 
-def _save_webp(image: Image.Image, path: Path, quality: int, text: str) -> None:
+def _save_webp(image: np.ndarray, path: Path, quality: int, text: str) -> None:
     lossless = quality >= WEBP_LOSSLESS_QUALITY
-    image.save(path, format="WEBP", quality=quality, lossless=lossless, exif=_exif_with_comment(text))
+    Image.fromarray(image).save(path, format="WEBP", quality=quality, lossless=lossless, exif=_exif_with_comment(text))
 
 
-ENCODERS: dict[str, Callable[[Image.Image, Path, int, str], None]] = {
+# Each takes an (H, W, 3) uint8 RGB array, the generator's output as it leaves the device.
+ENCODERS: dict[str, Callable[[np.ndarray, Path, int, str], None]] = {
     "png": _save_png,
     "jpg": _save_jpeg,
     "webp": _save_webp,
@@ -169,17 +170,49 @@ def _remove_own(directory: Path) -> None:
         pass  # already gone
 
 
+def output_paths(directory: Path, tag: str, count: int, output_format: str) -> list[Path]:
+    """Names unique per prediction and index (an upload URL receives them in completion order)."""
+    return [directory / f"{tag}-{i}.{output_format}" for i in range(count)]
+
+
+class BackgroundEncoder:
+    """Encodes each image in a worker thread as soon as it is handed over, so that image i is written while
+    the caller decodes image i+1 (OpenCV's and Pillow's encoders release the GIL)."""
+
+    def __init__(self, texts: Sequence[str], directory: Path, tag: str, output_format: str, quality: int):
+        self.texts, self.quality = texts, quality
+        self.encoder = ENCODERS[output_format]
+        self.paths = output_paths(directory, tag, len(texts), output_format)
+        self.pool = ThreadPoolExecutor(max_workers=len(texts) or 1, thread_name_prefix="encode")
+        self.pending: list[Future] = []
+
+    def submit(self, index: int, image: np.ndarray) -> None:
+        self.pending.append(self.pool.submit(self.encoder, image, self.paths[index], self.quality, self.texts[index]))
+
+    def wait(self) -> list[Path]:
+        """The paths, once every image handed over is written; an encoder's error is raised here."""
+        for future in self.pending:
+            future.result()
+        return self.paths
+
+    def __enter__(self) -> BackgroundEncoder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # On an error or a cancel, images not yet started are dropped; none is left half-encoded.
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def encode_all(
-    images: Sequence[Image.Image],
+    images: Sequence[np.ndarray | Image.Image],
     texts: Sequence[str],
     directory: Path,
     tag: str,
     output_format: str,
     quality: int,
 ) -> list[Path]:
-    """Encode images in parallel (Pillow's encoders release the GIL); names are unique per prediction and index."""
-    encoder = ENCODERS[output_format]
-    paths = [directory / f"{tag}-{i}.{output_format}" for i in range(len(images))]
-    with ThreadPoolExecutor(max_workers=len(images) or 1) as pool:
-        list(pool.map(lambda args: encoder(args[0], args[1], quality, args[2]), zip(images, paths, texts)))
-    return paths
+    """Encode images in parallel; each is an (H, W, 3) uint8 RGB array or a PIL image."""
+    with BackgroundEncoder(texts, directory, tag, output_format, quality) as encoder:
+        for i, image in enumerate(images):
+            encoder.submit(i, image if isinstance(image, np.ndarray) else np.asarray(image.convert("RGB")))
+        return encoder.wait()

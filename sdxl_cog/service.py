@@ -13,7 +13,7 @@ from .config import Settings
 from .generate import generate
 from .lora import LoraAdapters
 from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
-from .outputs import OutputDirectory, encode_all, parameters_text
+from .outputs import BackgroundEncoder, OutputDirectory, parameters_text
 from .pipelines import load_models, model_name
 from .prompts import check_prompt_lengths
 from .request import GenerationRequest
@@ -55,10 +55,25 @@ class SDXLService:
         sweep_stale_inputs()
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
+        texts = [
+            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale))
+            for seed in req.seeds
+        ]
         out_of_memory = False
         try:
             self.loras.activate(lora, lora_scale)
-            result = generate(self.models, req, self.settings.device, options.safety_check, options.apply_watermark)
+            # Each image is encoded in the background as soon as it is ready, while the next one decodes.
+            with BackgroundEncoder(texts, directory, tag, options.output_format, options.output_quality) as encoder:
+                result = generate(
+                    self.models,
+                    req,
+                    self.settings.device,
+                    options.safety_check,
+                    options.apply_watermark,
+                    encoder.submit,
+                )
+                last_image_ready = time.perf_counter()
+                paths = encoder.wait()
         except torch.OutOfMemoryError:
             out_of_memory = True
         finally:
@@ -73,13 +88,8 @@ class SDXLService:
                 print(
                     f"Output {i} (seed {req.seeds[i]}) was flagged by the safety checker and replaced by a black image."
                 )
-        encode_started = time.perf_counter()
-        texts = [
-            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale))
-            for seed in req.seeds
-        ]
-        paths = encode_all(result.images, texts, directory, tag, options.output_format, options.output_quality)
-        timings = {**result.timings, "image_encoding": time.perf_counter() - encode_started}
+        # What encoding added to the request: the wait for the last files once the last image was ready.
+        timings = {**result.timings, "image_encoding": time.perf_counter() - last_image_ready}
         timings["total"] = time.perf_counter() - started
         print("Timings: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()), flush=True)
         # coglet uploads or returns the files after predict(); should that fail, its error is all the
