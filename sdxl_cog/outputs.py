@@ -146,19 +146,18 @@ class OutputDirectory:
     def __init__(self, root: Path, keep: int = 1):
         self.root = root
         self.keep = max(1, keep)
-        self.made: collections.deque[Path] = collections.deque()
-        self.current: Path | None = None
+        self.made: collections.deque[Path] = collections.deque()  # oldest first
 
     def start_prediction(self) -> tuple[Path, str]:
         while len(self.made) >= self.keep:
             _remove_own(self.made.popleft())
         sweep_empty_runtime_dirs()
         tag = uuid.uuid4().hex[:12]
-        self.current = self.root / tag
+        directory = self.root / tag
         self.root.mkdir(parents=True, exist_ok=True)
-        self.current.mkdir()  # a fresh name: fails rather than adopt a directory someone else made
-        self.made.append(self.current)
-        return self.current, tag
+        directory.mkdir()  # a fresh name: fails rather than adopt a directory someone else made
+        self.made.append(directory)
+        return directory, tag
 
 
 def _remove_own(directory: Path) -> None:

@@ -198,12 +198,12 @@ def test_each_image_is_written_while_the_next_one_decodes(service, monkeypatch):
 
     def decode_after_the_previous_file(*args, **kwargs):
         if calls:
-            previous = next(service.outputs.current.glob(f"*-{len(calls) - 1}.png"), None)
+            previous = next(service.outputs.made[-1].glob(f"*-{len(calls) - 1}.png"), None)
             deadline = time.monotonic() + 30
             while previous is None or not previous.exists():
                 assert time.monotonic() < deadline, "image 0 was not written while image 1 was waiting to decode"
                 time.sleep(0.01)
-                previous = next(service.outputs.current.glob(f"*-{len(calls) - 1}.png"), None)
+                previous = next(service.outputs.made[-1].glob(f"*-{len(calls) - 1}.png"), None)
         calls.append(len(calls))
         return decode(*args, **kwargs)
 
