@@ -26,7 +26,7 @@ SCHEDULERS = [
     "DPM++ 2M Karras",
     "UniPC",
 ]
-REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
+REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner", "refiner_only"]
 OUTPUT_FORMATS = ["png", "jpg", "webp"]
 
 
@@ -43,7 +43,8 @@ class Predictor(BasePredictor):
         ),
         negative_prompt: str = Input(description="What to keep out of the image.", default=""),
         image: Path | None = Input(
-            description="Source image for img2img, or for inpainting together with mask.", default=None
+            description="Source image for img2img, for inpainting together with mask, or for refine=refiner_only.",
+            default=None,
         ),
         mask: Path | None = Input(
             description="Inpainting mask for image: black areas are kept exactly, white areas are repainted.",
@@ -78,7 +79,7 @@ class Predictor(BasePredictor):
             le=4294967295,
         ),
         refine: str = Input(
-            description="Refiner: none, expert ensemble (base hands over at high_noise_frac), or img2img on the base's image.",
+            description="Refiner: none, expert ensemble (base hands over at high_noise_frac), img2img on the base's image, or refiner_only: the refiner alone on the input image (masked: only the white areas).",
             default="no_refiner",
             choices=REFINE_MODES,
         ),
@@ -86,13 +87,13 @@ class Predictor(BasePredictor):
             description="expert_ensemble_refiner: fraction of the steps the base runs.", default=0.8, ge=0, le=1
         ),
         refine_steps: int | None = Input(
-            description="base_image_refiner: refiner steps to run. Default: num_inference_steps x refine_strength.",
+            description="base_image_refiner and refiner_only: refiner steps to run. Default: num_inference_steps x refine_strength.",
             default=None,
             ge=1,
             le=500,
         ),
         refine_strength: float = Input(
-            description="base_image_refiner: how much noise the refiner adds back before refining.",
+            description="base_image_refiner and refiner_only: how much noise the refiner adds back before refining.",
             default=0.3,
             ge=0.01,
             le=1,

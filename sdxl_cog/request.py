@@ -17,7 +17,9 @@ from . import images
 from .config import DEFAULT_SIDE, MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from .errors import InputError
 
-REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
+REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner", "refiner_only"]
+# The refine mode that runs the refiner alone on the user's own image (no base model, no prompt_strength).
+REFINER_ONLY = "refiner_only"
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,17 @@ def _source_images(
     return "inpaint", images.fit(source, (out_w, out_h)), fitted_mask, out_w, out_h
 
 
+def _check_prompt_strength(num_inference_steps: int, prompt_strength: float) -> None:
+    if prompt_strength <= 0.0:
+        raise InputError("prompt_strength must be above 0 with an input image (0 would return the image unchanged).")
+    if int(num_inference_steps * prompt_strength) < 1:
+        minimum = base_image_refiner_schedule(1, prompt_strength)
+        raise InputError(
+            f"num_inference_steps={num_inference_steps} at prompt_strength={prompt_strength} leaves no denoising step "
+            f"(img2img runs int(steps x strength)); use num_inference_steps >= {minimum} or a higher prompt_strength."
+        )
+
+
 def build_request(
     *,
     prompt: str,
@@ -119,14 +132,14 @@ def build_request(
         raise InputError(
             f"high_noise_frac={high_noise_frac} must be strictly between 0 and 1 for expert_ensemble_refiner."
         )
-    if image is not None and prompt_strength <= 0.0:
-        raise InputError("prompt_strength must be above 0 with an input image (0 would return the image unchanged).")
-    if image is not None and int(num_inference_steps * prompt_strength) < 1:
-        minimum = base_image_refiner_schedule(1, prompt_strength)
+    if refine == REFINER_ONLY and image is None:
         raise InputError(
-            f"num_inference_steps={num_inference_steps} at prompt_strength={prompt_strength} leaves no denoising step "
-            f"(img2img runs int(steps x strength)); use num_inference_steps >= {minimum} or a higher prompt_strength."
+            "refine=refiner_only refines an existing image, but no image was given: pass image (and optionally "
+            "mask to refine only its white areas), or choose another refine mode to generate one."
         )
+    # refiner_only never runs the base, so prompt_strength (the base's img2img strength) plays no part.
+    if image is not None and refine != REFINER_ONLY:
+        _check_prompt_strength(num_inference_steps, prompt_strength)
     mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height)
     return GenerationRequest(
         prompt=prompt,

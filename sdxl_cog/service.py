@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from .config import Settings
+from .errors import InputError
 from .generate import generate
 from .lora import LoraAdapters
 from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
 from .outputs import OutputDirectory, encode_all, parameters_text
 from .pipelines import load_models, model_name
-from .request import GenerationRequest
+from .request import REFINER_ONLY, GenerationRequest
 from .schedulers import SCHEDULERS
 
 
@@ -46,6 +47,9 @@ class SDXLService:
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
     ) -> Prediction:
         self.budget.check(req)
+        if lora and req.refine == REFINER_ONLY:
+            # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.
+            raise InputError("lora_weights applies to the base model, which refine=refiner_only does not run: drop it.")
         started = time.perf_counter()
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
@@ -95,14 +99,17 @@ class SDXLService:
             "Size": f"{req.width}x{req.height}",
             "Model": self.model_name,
         }
-        if req.image is not None:
+        if req.refine == REFINER_ONLY:
+            # Only the refiner ran: its steps and strength are the generation's.
+            fields.update({"Steps": req.refine_steps, "Denoising strength": req.refine_strength})
+        elif req.image is not None:
             fields["Denoising strength"] = req.prompt_strength
         if req.refine == "expert_ensemble_refiner":
             fields.update({"Refiner": "expert_ensemble_refiner", "Refiner switch at": req.high_noise_frac})
-        elif req.refine == "base_image_refiner":
+        elif req.refine in ("base_image_refiner", REFINER_ONLY):
             fields.update(
                 {
-                    "Refiner": "base_image_refiner",
+                    "Refiner": req.refine,
                     "Refiner steps": req.refine_steps,
                     "Refiner strength": req.refine_strength,
                 }

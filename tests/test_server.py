@@ -113,3 +113,17 @@ def test_async_prediction_delivers_completed_webhook(server):
         assert decode_outputs(final)[0].size == (256, 256)
     finally:
         receiver.shutdown()
+
+
+def test_refiner_only_without_an_image_fails_naming_the_fix_and_with_one_refines_it(server, tmp_path):
+    body = predict(server, prompt="x", refine="refiner_only").json()
+    assert body["status"] == "failed"
+    assert "refine=refiner_only refines an existing image, but no image was given: pass image" in body["error"]
+
+    source = io.BytesIO()
+    Image.new("RGB", (256, 192), (200, 40, 40)).save(source, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(source.getvalue()).decode()
+    body = predict(server, prompt="x", image=uri, refine="refiner_only", refine_steps=2, seed=1).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert [img.size for img in decode_outputs(body)] == [(256, 192)]
+    assert body["metrics"]["refiner_steps"] == 2 and "base_steps" not in body["metrics"]
