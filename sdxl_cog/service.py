@@ -12,6 +12,7 @@ import torch
 from .config import Settings
 from .errors import InputError
 from .generate import generate
+from .gpu_memory import PeakMemoryMeter
 from .lora import LoraAdapters
 from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
 from .outputs import OutputDirectory, encode_all, parameters_text
@@ -42,6 +43,7 @@ class SDXLService:
         self.loras = LoraAdapters(self.models.base_pipeline, settings)
         self.outputs = OutputDirectory(settings.output_dir)
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.models.placement.peak_bytes)
+        self.gpu_memory = PeakMemoryMeter.for_device(settings.device)
 
     def predict(
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
@@ -51,6 +53,7 @@ class SDXLService:
             # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.
             raise InputError("lora_weights applies to the base model, which refine=refiner_only does not run: drop it.")
         started = time.perf_counter()
+        self.gpu_memory.start()
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
         out_of_memory = False
@@ -85,6 +88,7 @@ class SDXLService:
             "nsfw_flagged": result.nsfw_flags,
             **{f"{stage}_steps": n for stage, n in result.steps.items()},
             **{f"{phase}_time": round(seconds, 4) for phase, seconds in timings.items()},
+            **self.gpu_memory.metrics(),
         }
         return Prediction(paths, metrics)
 

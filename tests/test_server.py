@@ -54,6 +54,8 @@ def test_prediction_returns_images_of_the_requested_size_and_count(server):
     assert body["metrics"]["seeds"] == [5, 6]
     assert body["metrics"]["base_steps"] == 2
     assert "base: step 2/2" in body["logs"]
+    # Peak GPU memory is reported only where there is a GPU.
+    assert not {"gpu_peak_memory_bytes", "gpu_memory_fraction"} & set(body["metrics"])
 
 
 def test_out_of_range_input_is_a_422_naming_the_field(server):
