@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -16,6 +16,7 @@ from PIL import Image
 from . import images
 from .config import DEFAULT_SIDE, MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from .errors import InputError
+from .profiles import DEFAULT_PROFILE, Profile
 
 REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner", "refiner_only"]
 # The refine mode that runs the refiner alone on the user's own image (no base model, no prompt_strength).
@@ -40,6 +41,9 @@ class GenerationRequest:
     refine_strength: float
     image: Image.Image | None = None  # the source, already fitted to width x height
     mask: Image.Image | None = None  # binary, fitted like the image; white is repainted
+    model: str | None = None  # the checkpoint's name (checked by models.ModelRegistry); None: the default
+    # The inputs the request left out and the checkpoint's profile supplied, with their values.
+    profile_defaults: dict = field(default_factory=dict)
 
     @property
     def num_outputs(self) -> int:
@@ -79,12 +83,12 @@ def default_refine_steps(num_inference_steps: int, refine_strength: float) -> in
 
 
 def _source_images(
-    image: Path | None, mask: Path | None, width: int | None, height: int | None
+    image: Path | None, mask: Path | None, width: int | None, height: int | None, side: int = DEFAULT_SIDE
 ) -> tuple[str, Image.Image | None, Image.Image | None, int, int]:
     if image is None:
         if mask is not None:
             raise InputError("mask was given without image: inpainting needs the image to paint into.")
-        return "txt2img", None, None, width or DEFAULT_SIDE, height or DEFAULT_SIDE
+        return "txt2img", None, None, width or side, height or side
     source = images.load_image(image, "image")
     out_w, out_h = images.size_from_image(source.size, width, height)
     if mask is None:
@@ -116,15 +120,24 @@ def build_request(
     height: int | None,
     num_outputs: int,
     scheduler: str,
-    num_inference_steps: int,
-    guidance_scale: float,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
     prompt_strength: float,
     seed: int | None,
     refine: str,
     high_noise_frac: float,
     refine_steps: int | None,
     refine_strength: float,
+    model: str | None = None,
+    profile: Profile = DEFAULT_PROFILE,
 ) -> GenerationRequest:
+    """`profile`: the chosen checkpoint's defaults (profiles.py), for the inputs left out (None)."""
+    given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    if image is None:
+        given.update(width=width, height=height)  # with an image, the size follows the image instead
+    profile_defaults = {k: v for k, v in profile.defaults().items() if k in given and given[k] is None}
+    num_inference_steps = profile_defaults.get("num_inference_steps", num_inference_steps)
+    guidance_scale = profile_defaults.get("guidance_scale", guidance_scale)
     for name, side in (("width", width), ("height", height)):
         if side is not None:
             check_side(name, side)
@@ -140,7 +153,7 @@ def build_request(
     # refiner_only never runs the base, so prompt_strength (the base's img2img strength) plays no part.
     if image is not None and refine != REFINER_ONLY:
         _check_prompt_strength(num_inference_steps, prompt_strength)
-    mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height)
+    mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height, profile.side)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -158,4 +171,6 @@ def build_request(
         refine_strength=refine_strength,
         image=source,
         mask=fitted_mask,
+        model=model,
+        profile_defaults=profile_defaults,
     )

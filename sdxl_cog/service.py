@@ -3,12 +3,14 @@ Cog so that tests and benchmarks can drive it directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .catalog import Checkpoint
 from .config import Settings
 from .errors import InputError
 from .generate import generate
@@ -16,7 +18,8 @@ from .gpu_memory import PeakMemoryMeter
 from .lora import LoraAdapters
 from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
 from .outputs import OutputDirectory, encode_all, parameters_text
-from .pipelines import load_models, model_name
+from .pipelines import load_models
+from .profiles import Profile
 from .request import REFINER_ONLY, GenerationRequest
 from .schedulers import SCHEDULERS
 
@@ -39,15 +42,26 @@ class SDXLService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.models = load_models(settings)
-        self.model_name = model_name(self.models.manifest)
         self.loras = LoraAdapters(self.models.base_pipeline, settings)
+        registry = self.models.registry
+        # Each checkpoint carries its own LoRA adapters (on its own modules); the default's are self.loras.
+        self.checkpoint_loras = {registry.default: self.loras} | {
+            name: LoraAdapters(pipe, settings)
+            for name, pipe in self.models.checkpoint_pipelines.items()
+            if name != registry.default
+        }
         self.outputs = OutputDirectory(settings.output_dir)
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.models.placement.peak_bytes)
         self.gpu_memory = PeakMemoryMeter.for_device(settings.device)
 
+    def profile(self, model: str | None) -> Profile:
+        """The defaults of the checkpoint `model` names (None: the default one); InputError if there is none."""
+        return self.models.registry.profiles[self.models.registry.resolve(model).name]
+
     def predict(
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
     ) -> Prediction:
+        checkpoint = self.models.registry.resolve(req.model)
         self.budget.check(req)
         if lora and req.refine == REFINER_ONLY:
             # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.
@@ -57,14 +71,17 @@ class SDXLService:
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
         out_of_memory = False
+        loras = self.checkpoint_loras[checkpoint.name]
         try:
-            self.loras.activate(lora, lora_scale)
-            result = generate(self.models, req, self.settings.device, options.safety_check, options.apply_watermark)
+            load_seconds = self.models.registry.activate(checkpoint.name)
+            models = dataclasses.replace(self.models, base=self.models.registry.models[checkpoint.name])
+            loras.activate(lora, lora_scale)
+            result = generate(models, req, self.settings.device, options.safety_check, options.apply_watermark)
         except torch.OutOfMemoryError:
             out_of_memory = True
         finally:
             # A request's LoRA never outlives it, whether it succeeded, failed or was cancelled.
-            self.loras.deactivate()
+            loras.deactivate()
         if out_of_memory:
             # Outside the except block, so the failed request's tensors are no longer referenced.
             release_memory(self.settings.device)
@@ -76,23 +93,30 @@ class SDXLService:
                 )
         encode_started = time.perf_counter()
         texts = [
-            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale))
+            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale, checkpoint))
             for seed in req.seeds
         ]
         paths = encode_all(result.images, texts, directory, tag, options.output_format, options.output_quality)
         timings = {**result.timings, "image_encoding": time.perf_counter() - encode_started}
         timings["total"] = time.perf_counter() - started
         print("Timings: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()), flush=True)
+        if load_seconds is not None:
+            timings["model_load"] = load_seconds
         metrics = {
+            "model": checkpoint.name,
             "seeds": list(req.seeds),
             "nsfw_flagged": result.nsfw_flags,
             **{f"{stage}_steps": n for stage, n in result.steps.items()},
             **{f"{phase}_time": round(seconds, 4) for phase, seconds in timings.items()},
             **self.gpu_memory.metrics(),
+            # The inputs left out that the model's profile filled in (dotted keys nest in Cog's metrics).
+            **{f"model_defaults.{name}": value for name, value in req.profile_defaults.items()},
         }
         return Prediction(paths, metrics)
 
-    def _fields(self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float) -> dict[str, object]:
+    def _fields(
+        self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float, checkpoint: Checkpoint
+    ) -> dict[str, object]:
         """The A1111-style generation parameters embedded in each image."""
         fields: dict[str, object] = {
             "Steps": req.num_inference_steps,
@@ -101,8 +125,11 @@ class SDXLService:
             "CFG scale": req.guidance_scale,
             "Seed": seed,
             "Size": f"{req.width}x{req.height}",
-            "Model": self.model_name,
         }
+        # A1111's order: the hash, then the name.
+        if checkpoint.short_hash:
+            fields["Model hash"] = checkpoint.short_hash
+        fields["Model"] = checkpoint.name
         if req.refine == REFINER_ONLY:
             # Only the refiner ran: its steps and strength are the generation's.
             fields.update({"Steps": req.refine_steps, "Denoising strength": req.refine_strength})
