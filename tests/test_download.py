@@ -525,7 +525,7 @@ def test_open_source_rejects(spec, message):
 
 
 def test_refiner_must_be_a_repo(mirror):
-    with pytest.raises(dl.DownloadError, match="Only --base takes a single-file checkpoint"):
+    with pytest.raises(dl.DownloadError, match="Only --base and --model take a single-file checkpoint"):
         dl._sources(None, "https://example.com/refiner.safetensors", "main")
 
 

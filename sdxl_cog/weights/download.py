@@ -237,7 +237,7 @@ def fill_from_single_file(root: Path, part: Part, checkpoint: SingleFile, old: d
 
 
 def _sources(
-    base: str | None, refiner: str | None, revision: str, models: dict[str, str]
+    base: str | None, refiner: str | None, revision: str, models: dict[str, str] | None = None
 ) -> dict[str, HubRepo | MirrorRepo | SingleFile]:
     specs = {BASE_DIR: base, REFINER_DIR: refiner}
     sources = {
@@ -247,7 +247,7 @@ def _sources(
     if isinstance(sources[REFINER_DIR], SingleFile):
         raise DownloadError("Only --base and --model take a single-file checkpoint; --refiner needs a diffusers repo.")
     # Further checkpoints come like the base (a repo at main, or a single file), each into models/NAME.
-    return sources | {model_dir(name): open_source(spec) for name, spec in models.items()}
+    return sources | {model_dir(name): open_source(spec) for name, spec in (models or {}).items()}
 
 
 # A checkpoint's name is a folder name and a request's `model` value: keep it plain.
