@@ -1,4 +1,4 @@
-"""Choosing the checkpoint per request through the real Cog server, with three tiny models baked."""
+"""Choosing the checkpoint per request through the real Cog server, with four tiny models baked (one turbo)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from sdxl_cog.testing.cog_server import CogServer
 from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model
 from tests.conftest import REPO_ROOT
-from tests.test_server import READY_TIMEOUT_S, decode_outputs, predict
+from tests.test_server import READY_TIMEOUT_S, decode_outputs
+from tests.test_server import predict_when_free as predict
 
 
 @pytest.fixture(scope="module")
