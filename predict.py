@@ -26,7 +26,7 @@ SCHEDULERS = [
     "DPM++ 2M Karras",
     "UniPC",
 ]
-REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
+REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner", "refiner_only"]
 OUTPUT_FORMATS = ["png", "jpg", "webp"]
 
 
@@ -46,7 +46,7 @@ class Predictor(BasePredictor):
             description="What to keep out of the image. Up to 750 tokens.", default="", max_length=7500
         ),
         image: Path | None = Input(
-            description="Source image for img2img, or for inpainting together with mask: a data: URI or an http(s) URL.",
+            description="Source image for img2img, for inpainting together with mask, or for refine=refiner_only: a data: URI or an http(s) URL.",
             default=None,
         ),
         mask: Path | None = Input(
@@ -54,21 +54,31 @@ class Predictor(BasePredictor):
             default=None,
         ),
         width: int | None = Input(
-            description="Output width, a multiple of 8. Default 1024 for text-to-image; with an image, follows the image.",
+            description="Output width, a multiple of 8. Default 1024 for text-to-image (or the model's profile: 512 for SDXL-Turbo); with an image, follows the image.",
             default=None,
             ge=128,
             le=2048,
         ),
         height: int | None = Input(
-            description="Output height, a multiple of 8. Default 1024 for text-to-image; with an image, follows the image.",
+            description="Output height, a multiple of 8. Default 1024 for text-to-image (or the model's profile: 512 for SDXL-Turbo); with an image, follows the image.",
             default=None,
             ge=128,
             le=2048,
         ),
         num_outputs: int = Input(description="Number of images. Image i uses seed + i.", default=1, ge=1, le=4),
         scheduler: str = Input(description="Sampler.", default="K_EULER", choices=SCHEDULERS),
-        num_inference_steps: int = Input(description="Denoising steps.", default=50, ge=1, le=500),
-        guidance_scale: float = Input(description="Classifier-free guidance scale.", default=7.5, ge=1, le=50),
+        num_inference_steps: int | None = Input(
+            description="Denoising steps. Default: the model's profile (50 for SDXL, 1 for SDXL-Turbo, 4 for SDXL-Lightning).",
+            default=None,
+            ge=1,
+            le=500,
+        ),
+        guidance_scale: float | None = Input(
+            description="Classifier-free guidance scale; 1 or less turns guidance off, as distilled models need. Default: the model's profile (7.5 for SDXL, 0 for SDXL-Turbo and SDXL-Lightning).",
+            default=None,
+            ge=0,
+            le=50,
+        ),
         prompt_strength: float = Input(
             description="img2img/inpaint: how much of the source image is replaced (1.0 = all of it).",
             default=0.8,
@@ -82,7 +92,7 @@ class Predictor(BasePredictor):
             le=4294967295,
         ),
         refine: str = Input(
-            description="Refiner: none, expert ensemble (base hands over at high_noise_frac), or img2img on the base's image.",
+            description="Refiner: none, expert ensemble (base hands over at high_noise_frac), img2img on the base's image, or refiner_only: the refiner alone on the input image (masked: only the white areas).",
             default="no_refiner",
             choices=REFINE_MODES,
         ),
@@ -90,13 +100,13 @@ class Predictor(BasePredictor):
             description="expert_ensemble_refiner: fraction of the steps the base runs.", default=0.8, ge=0, le=1
         ),
         refine_steps: int | None = Input(
-            description="base_image_refiner: refiner steps to run. Default: num_inference_steps x refine_strength.",
+            description="base_image_refiner and refiner_only: refiner steps to run. Default: num_inference_steps x refine_strength.",
             default=None,
             ge=1,
             le=500,
         ),
         refine_strength: float = Input(
-            description="base_image_refiner: how much noise the refiner adds back before refining.",
+            description="base_image_refiner and refiner_only: how much noise the refiner adds back before refining.",
             default=0.3,
             ge=0.01,
             le=1,
@@ -118,6 +128,10 @@ class Predictor(BasePredictor):
         output_quality: int = Input(
             description="jpg/webp quality (webp at 100 is lossless); ignored for png.", default=80, ge=0, le=100
         ),
+        model: str | None = Input(
+            description="Checkpoint, by the name it was baked under (metrics.model names the one used). Default: the first one baked. The names depend on what this image baked, so they are checked when the request runs: an unknown one fails listing them.",
+            default=None,
+        ),
     ) -> list[Path]:
         """Generate images; seeds, per-phase timings and safety flags are returned in metrics."""
         request = build_request(
@@ -137,6 +151,8 @@ class Predictor(BasePredictor):
             high_noise_frac=high_noise_frac,
             refine_steps=refine_steps,
             refine_strength=refine_strength,
+            model=model,
+            profile=self.service.profile(model),
         )
         options = OutputOptions(output_format, output_quality, apply_watermark, safety_check=not disable_safety_checker)
         prediction = self.service.predict(request, options, lora_weights, lora_scale)

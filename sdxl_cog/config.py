@@ -149,6 +149,8 @@ class Settings:
     lora_allow_private_hosts: bool
     lora_local_dirs: tuple[Path, ...]
     low_vram: bool | None  # None: decided at setup from the GPU's memory (memory.needs_low_vram)
+    # GPU bytes for the checkpoints' own modules (models.py); None: what the card leaves (models.checkpoint_budget).
+    model_memory_bytes: int | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -191,4 +193,5 @@ class Settings:
                 if p
             ),
             low_vram=_env_auto_bool("SDXL_LOW_VRAM"),
+            model_memory_bytes=_env_int("SDXL_MODEL_MEMORY_BYTES", 0) or None,
         )

@@ -22,7 +22,7 @@ from . import images
 from .pipelines import LoadedModels, Model, synchronize
 from .placement import Placement
 from .prompts import PromptEmbeddings, encode_prompts
-from .request import GenerationRequest, base_image_refiner_schedule
+from .request import REFINER_ONLY, GenerationRequest, base_image_refiner_schedule
 from .safety import SafetyChecker, blacken_flagged
 from .watermark import watermark_images
 
@@ -101,9 +101,10 @@ def _base_kwargs(req: GenerationRequest) -> dict:
     return kwargs
 
 
-def _refiner_kwargs(req: GenerationRequest, latents: torch.Tensor) -> dict:
-    # The refiner's image input is the base's latents (diffusers detects 4-channel input as latents).
-    kwargs = {"image": latents}
+def _refiner_kwargs(req: GenerationRequest, latents: torch.Tensor | None) -> dict:
+    # The refiner's image input is the base's latents (diffusers detects 4-channel input as latents), or
+    # with refiner_only the user's own image, which the pipeline encodes with the shared VAE.
+    kwargs = {"image": req.image if latents is None else latents}
     if req.mask is not None:
         # The inpaint pipeline sizes its mask from width/height, not from the latents it is given.
         kwargs.update(mask_image=req.mask, width=req.width, height=req.height)
@@ -161,6 +162,8 @@ def generate(
     run = Run(device)
     generators = _generators(req.seeds)
     refining = req.refine != "no_refiner"
+    # refiner_only: the refiner alone, img2img (or inpaint) on the user's image.
+    running_base = req.refine != REFINER_ONLY
 
     # Each phase first puts its modules on the device (a no-op unless in low-VRAM mode), so that its
     # time includes the copies it waited for.
@@ -168,11 +171,13 @@ def generate(
     # 1. Encode prompts (the refiner sees only its own text encoder).
     with run.phase("text_encoding"):
         models.placement.use("text_encoding")
-        base_embeds = _encode(models.base, req)
+        base_embeds = _encode(models.base, req) if running_base else None
         refiner_embeds = _encode(models.refiner, req) if refining else None
 
     # 2. Base denoising, to latents; 3. refining them.
-    latents = _denoise(run, models.placement, models.base, req, generators, base_embeds, _base_kwargs(req))
+    latents = None
+    if running_base:
+        latents = _denoise(run, models.placement, models.base, req, generators, base_embeds, _base_kwargs(req))
     if refining:
         latents = _denoise(
             run, models.placement, models.refiner, req, generators, refiner_embeds, _refiner_kwargs(req, latents)

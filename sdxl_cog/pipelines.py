@@ -25,9 +25,11 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from . import prefetch
+from .catalog import checkpoints
 from .config import Settings
 from .memory import gpu_capacity
-from .placement import Placement, make_placement
+from .models import CheckpointCache, ModelRegistry, checkpoint_budget, load_checkpoints, move_between
+from .placement import Placement, make_placement, module_bytes
 from .safety import SafetyChecker
 from .schedulers import make_scheduler
 from .weights import layout
@@ -75,6 +77,8 @@ class LoadedModels:
     placement: Placement  # which modules are on the device at each stage
     manifest: dict
     load_seconds: dict[str, float]
+    registry: ModelRegistry | None = None  # every checkpoint by name (models.py)
+    checkpoint_pipelines: dict[str, StableDiffusionXLPipeline] = field(default_factory=dict)
 
 
 def _model(name: str, pipe: DiffusionPipeline) -> Model:
@@ -110,6 +114,8 @@ def load_models(settings: Settings) -> LoadedModels:
         vae=vae,
         **load,
     )
+    # Further checkpoints (models/NAME), each component that equals one already loaded shared, not reloaded.
+    pipelines = load_checkpoints(root, manifest, base, vae=vae, **load)
     seconds["load"] = time.perf_counter() - started - seconds["verify"]
 
     # 4. Onto the device: every module once, or (low-VRAM mode) into pinned memory for stage by stage.
@@ -124,16 +130,35 @@ def load_models(settings: Settings) -> LoadedModels:
         "safety_checker": safety_checker.model,
     }
     placement = make_placement(settings.device, modules, settings.low_vram, gpu_capacity(settings.device))
+    registry = _registry(
+        settings, manifest, pipelines, placement, [refiner.unet, base.text_encoder_2, vae, safety_checker.model]
+    )
     seconds["to_device"] = time.perf_counter() - started - seconds["verify"] - seconds["load"]
     return LoadedModels(
-        _model("base", base), _model("refiner", refiner), base, safety_checker, placement, manifest, seconds
+        _model("base", base),
+        _model("refiner", refiner),
+        base,
+        safety_checker,
+        placement,
+        manifest,
+        seconds,
+        registry,
+        pipelines,
     )
 
 
-def model_name(manifest: dict) -> str:
-    """The base checkpoint's name as written in image metadata, e.g. `stable-diffusion-xl-base-1.0`."""
-    source = str(manifest.get("sources", {}).get("base", "stable-diffusion-xl-base-1.0"))
-    return source.split("@")[0].rstrip("/").split("/")[-1] or source
+def _registry(settings: Settings, manifest: dict, pipelines: dict, placement: Placement, shared: list) -> ModelRegistry:
+    """The checkpoints by name; in resident mode, those that fit the GPU's budget on it, the others in host memory."""
+    models = {name: _model("base", pipe) for name, pipe in pipelines.items()}
+    cache = None
+    if not placement.low_vram:
+        fixed = sum(module_bytes(m) for m in shared)
+        budget = settings.model_memory_bytes or checkpoint_budget(gpu_capacity(settings.device), fixed)
+        own = {
+            name: [m.components[c] for c in ("text_encoder", "text_encoder_2", "unet")] for name, m in models.items()
+        }
+        cache = CheckpointCache(own, shared, budget, move_between(settings.device))
+    return ModelRegistry(checkpoints(manifest), models, placement, cache)
 
 
 def synchronize(device: str) -> None:

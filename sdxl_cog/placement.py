@@ -24,7 +24,8 @@ from .memory import GIB, needs_low_vram
 # The modules each stage of generate() runs. The VAE joins both denoising stages because the img2img
 # and inpaint pipelines encode their source image with it; at 0.17 GB it then simply stays.
 STAGES: dict[str, tuple[str, ...]] = {
-    "text_encoding": ("text_encoder", "text_encoder_2"),
+    # refiner_text_encoder_2: only while the active checkpoint's text_encoder_2 is not the refiner's (models.py).
+    "text_encoding": ("text_encoder", "text_encoder_2", "refiner_text_encoder_2"),
     "base": ("base_unet", "vae"),
     "refiner": ("refiner_unet", "vae"),
     "vae_decode": ("vae",),
@@ -57,6 +58,13 @@ class ResidentPlacement:
 
     def use(self, stage: str) -> None:
         pass
+
+    def swap(self, name: str, module: torch.nn.Module | None) -> None:
+        """Run `module` (None: nothing) in slot `name` from now on; the checkpoint cache (models.py) moves it."""
+        if module is None:
+            self.modules.pop(name, None)
+        else:
+            self.modules[name] = module
 
 
 class StagedPlacement:
@@ -95,6 +103,19 @@ class StagedPlacement:
                 self._evict(self.modules[name])
                 raise
             self.on_device.add(name)
+
+    def swap(self, name: str, module: torch.nn.Module | None) -> None:
+        """Run `module` (None: nothing) in slot `name` from now on; the one it replaces leaves the device."""
+        current = self.modules.get(name)
+        if current is module:
+            return
+        if name in self.on_device:
+            self._evict(current)
+            self.on_device.discard(name)
+        if module is None:
+            self.modules.pop(name, None)
+        else:
+            self.modules[name] = module
 
     def _fetch(self, module: torch.nn.Module) -> None:
         for tensor in _tensors(module):

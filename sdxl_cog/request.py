@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -16,8 +16,11 @@ from PIL import Image
 from . import images, uploads
 from .config import DEFAULT_SIDE, MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from .errors import InputError
+from .profiles import DEFAULT_PROFILE, Profile
 
-REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
+REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner", "refiner_only"]
+# The refine mode that runs the refiner alone on the user's own image (no base model, no prompt_strength).
+REFINER_ONLY = "refiner_only"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class GenerationRequest:
     refine_strength: float
     image: Image.Image | None = None  # the source, already fitted to width x height
     mask: Image.Image | None = None  # binary, fitted like the image; white is repainted
+    model: str | None = None  # the checkpoint's name (checked by models.ModelRegistry); None: the default
+    # The inputs the request left out and the checkpoint's profile supplied, with their values.
+    profile_defaults: dict = field(default_factory=dict)
 
     @property
     def num_outputs(self) -> int:
@@ -77,12 +83,12 @@ def default_refine_steps(num_inference_steps: int, refine_strength: float) -> in
 
 
 def _source_images(
-    image: Path | None, mask: Path | None, width: int | None, height: int | None
+    image: Path | None, mask: Path | None, width: int | None, height: int | None, side: int = DEFAULT_SIDE
 ) -> tuple[str, Image.Image | None, Image.Image | None, int, int]:
     if image is None:
         if mask is not None:
             raise InputError("mask was given without image: inpainting needs the image to paint into.")
-        return "txt2img", None, None, width or DEFAULT_SIDE, height or DEFAULT_SIDE
+        return "txt2img", None, None, width or side, height or side
     source = images.load_image(image, "image")
     out_w, out_h = images.size_from_image(source.size, width, height)
     if mask is None:
@@ -91,6 +97,17 @@ def _source_images(
     fitted_mask = images.binarize(images.fit(binary, (out_w, out_h), Image.NEAREST))
     images.check_mask_has_work(fitted_mask)
     return "inpaint", images.fit(source, (out_w, out_h)), fitted_mask, out_w, out_h
+
+
+def _check_prompt_strength(num_inference_steps: int, prompt_strength: float) -> None:
+    if prompt_strength <= 0.0:
+        raise InputError("prompt_strength must be above 0 with an input image (0 would return the image unchanged).")
+    if int(num_inference_steps * prompt_strength) < 1:
+        minimum = base_image_refiner_schedule(1, prompt_strength)
+        raise InputError(
+            f"num_inference_steps={num_inference_steps} at prompt_strength={prompt_strength} leaves no denoising step "
+            f"(img2img runs int(steps x strength)); use num_inference_steps >= {minimum} or a higher prompt_strength."
+        )
 
 
 def build_request(
@@ -103,20 +120,29 @@ def build_request(
     height: int | None,
     num_outputs: int,
     scheduler: str,
-    num_inference_steps: int,
-    guidance_scale: float,
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
     prompt_strength: float,
     seed: int | None,
     refine: str,
     high_noise_frac: float,
     refine_steps: int | None,
     refine_strength: float,
+    model: str | None = None,
+    profile: Profile = DEFAULT_PROFILE,
     files_from_client: bool = True,
 ) -> GenerationRequest:
-    """`files_from_client`: image and mask came over HTTP, so only files Cog downloaded for this request
-    are read (sdxl_cog/uploads.py); False for callers that pass their own local files (tests, benchmarks)."""
+    """`profile`: the chosen checkpoint's defaults (profiles.py), for the inputs left out (None).
+    `files_from_client`: image and mask came over HTTP, so only files Cog downloaded for this request are read
+    (sdxl_cog/uploads.py); False for callers that pass their own local files (tests, benchmarks)."""
     if files_from_client:
         image, mask = uploads.client_file(image, "image"), uploads.client_file(mask, "mask")
+    given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    if image is None:
+        given.update(width=width, height=height)  # with an image, the size follows the image instead
+    profile_defaults = {k: v for k, v in profile.defaults().items() if k in given and given[k] is None}
+    num_inference_steps = profile_defaults.get("num_inference_steps", num_inference_steps)
+    guidance_scale = profile_defaults.get("guidance_scale", guidance_scale)
     for name, side in (("width", width), ("height", height)):
         if side is not None:
             check_side(name, side)
@@ -124,15 +150,15 @@ def build_request(
         raise InputError(
             f"high_noise_frac={high_noise_frac} must be strictly between 0 and 1 for expert_ensemble_refiner."
         )
-    if image is not None and prompt_strength <= 0.0:
-        raise InputError("prompt_strength must be above 0 with an input image (0 would return the image unchanged).")
-    if image is not None and int(num_inference_steps * prompt_strength) < 1:
-        minimum = base_image_refiner_schedule(1, prompt_strength)
+    if refine == REFINER_ONLY and image is None:
         raise InputError(
-            f"num_inference_steps={num_inference_steps} at prompt_strength={prompt_strength} leaves no denoising step "
-            f"(img2img runs int(steps x strength)); use num_inference_steps >= {minimum} or a higher prompt_strength."
+            "refine=refiner_only refines an existing image, but no image was given: pass image (and optionally "
+            "mask to refine only its white areas), or choose another refine mode to generate one."
         )
-    mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height)
+    # refiner_only never runs the base, so prompt_strength (the base's img2img strength) plays no part.
+    if image is not None and refine != REFINER_ONLY:
+        _check_prompt_strength(num_inference_steps, prompt_strength)
+    mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height, profile.side)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -150,4 +176,6 @@ def build_request(
         refine_strength=refine_strength,
         image=source,
         mask=fitted_mask,
+        model=model,
+        profile_defaults=profile_defaults,
     )

@@ -3,20 +3,25 @@ Cog so that tests and benchmarks can drive it directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .catalog import Checkpoint
 from .config import Settings
+from .errors import InputError
 from .generate import generate
+from .gpu_memory import PeakMemoryMeter
 from .lora import LoraAdapters
 from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
 from .outputs import BackgroundEncoder, OutputDirectory, parameters_text
-from .pipelines import load_models, model_name
+from .pipelines import load_models
+from .profiles import Profile
 from .prompts import check_prompt_lengths
-from .request import GenerationRequest
+from .request import REFINER_ONLY, GenerationRequest
 from .schedulers import SCHEDULERS
 from .uploads import claim_input_dir, sweep_stale_inputs
 
@@ -39,33 +44,52 @@ class SDXLService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.models = load_models(settings)
-        self.model_name = model_name(self.models.manifest)
         self.loras = LoraAdapters(self.models.base_pipeline, settings)
+        registry = self.models.registry
+        # Each checkpoint carries its own LoRA adapters (on its own modules); the default's are self.loras.
+        self.checkpoint_loras = {registry.default: self.loras} | {
+            name: LoraAdapters(pipe, settings)
+            for name, pipe in self.models.checkpoint_pipelines.items()
+            if name != registry.default
+        }
         self.outputs = OutputDirectory(settings.output_dir, settings.output_keep)
         claim_input_dir(settings.input_dir)
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.models.placement.peak_bytes)
+        self.gpu_memory = PeakMemoryMeter.for_device(settings.device)
+
+    def profile(self, model: str | None) -> Profile:
+        """The defaults of the checkpoint `model` names (None: the default one); InputError if there is none."""
+        return self.models.registry.profiles[self.models.registry.resolve(model).name]
 
     def predict(
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
     ) -> Prediction:
         self.settings.prediction_marker.touch()  # for the liveness probe: a prediction did start
+        checkpoint = self.models.registry.resolve(req.model)
         prompt_tokens = check_prompt_lengths(self._tokenizers(), req.prompt, req.negative_prompt)
         self.budget.check(req, prompt_tokens)
+        if lora and req.refine == REFINER_ONLY:
+            # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.
+            raise InputError("lora_weights applies to the base model, which refine=refiner_only does not run: drop it.")
         started = time.perf_counter()
         sweep_stale_inputs()
+        self.gpu_memory.start()
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
         texts = [
-            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale))
+            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale, checkpoint))
             for seed in req.seeds
         ]
         out_of_memory = False
+        loras = self.checkpoint_loras[checkpoint.name]
         try:
-            self.loras.activate(lora, lora_scale)
+            load_seconds = self.models.registry.activate(checkpoint.name)
+            models = dataclasses.replace(self.models, base=self.models.registry.models[checkpoint.name])
+            loras.activate(lora, lora_scale)
             # Each image is encoded in the background as soon as it is ready, while the next one decodes.
             with BackgroundEncoder(texts, directory, tag, options.output_format, options.output_quality) as encoder:
                 result = generate(
-                    self.models,
+                    models,
                     req,
                     self.settings.device,
                     options.safety_check,
@@ -78,7 +102,7 @@ class SDXLService:
             out_of_memory = True
         finally:
             # A request's LoRA never outlives it, whether it succeeded, failed or was cancelled.
-            self.loras.deactivate()
+            loras.deactivate()
         if out_of_memory:
             # Outside the except block, so the failed request's tensors are no longer referenced.
             release_memory(self.settings.device)
@@ -92,15 +116,21 @@ class SDXLService:
         timings = {**result.timings, "image_encoding": time.perf_counter() - last_image_ready}
         timings["total"] = time.perf_counter() - started
         print("Timings: " + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()), flush=True)
+        if load_seconds is not None:
+            timings["model_load"] = load_seconds
         # coglet uploads or returns the files after predict(); should that fail, its error is all the
         # client gets. These metrics still arrive with it: the seeds regenerate the images exactly, and
         # the names find them in SDXL_OUTPUT_DIR, kept for the next output_keep predictions.
         metrics = {
+            "model": checkpoint.name,
             "seeds": list(req.seeds),
             "output_files": [f"{tag}/{p.name}" for p in paths],
             "nsfw_flagged": result.nsfw_flags,
             **{f"{stage}_steps": n for stage, n in result.steps.items()},
             **{f"{phase}_time": round(seconds, 4) for phase, seconds in timings.items()},
+            **self.gpu_memory.metrics(),
+            # The inputs left out that the model's profile filled in (dotted keys nest in Cog's metrics).
+            **{f"model_defaults.{name}": value for name, value in req.profile_defaults.items()},
         }
         return Prediction(paths, metrics)
 
@@ -108,7 +138,9 @@ class SDXLService:
         components = self.models.base.components
         return [components[name] for name in ("tokenizer", "tokenizer_2") if components.get(name) is not None]
 
-    def _fields(self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float) -> dict[str, object]:
+    def _fields(
+        self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float, checkpoint: Checkpoint
+    ) -> dict[str, object]:
         """The A1111-style generation parameters embedded in each image."""
         fields: dict[str, object] = {
             "Steps": req.num_inference_steps,
@@ -117,16 +149,22 @@ class SDXLService:
             "CFG scale": req.guidance_scale,
             "Seed": seed,
             "Size": f"{req.width}x{req.height}",
-            "Model": self.model_name,
         }
-        if req.image is not None:
+        # A1111's order: the hash, then the name.
+        if checkpoint.short_hash:
+            fields["Model hash"] = checkpoint.short_hash
+        fields["Model"] = checkpoint.name
+        if req.refine == REFINER_ONLY:
+            # Only the refiner ran: its steps and strength are the generation's.
+            fields.update({"Steps": req.refine_steps, "Denoising strength": req.refine_strength})
+        elif req.image is not None:
             fields["Denoising strength"] = req.prompt_strength
         if req.refine == "expert_ensemble_refiner":
             fields.update({"Refiner": "expert_ensemble_refiner", "Refiner switch at": req.high_noise_frac})
-        elif req.refine == "base_image_refiner":
+        elif req.refine in ("base_image_refiner", REFINER_ONLY):
             fields.update(
                 {
-                    "Refiner": "base_image_refiner",
+                    "Refiner": req.refine,
                     "Refiner steps": req.refine_steps,
                     "Refiner strength": req.refine_strength,
                 }

@@ -525,7 +525,7 @@ def test_open_source_rejects(spec, message):
 
 
 def test_refiner_must_be_a_repo(mirror):
-    with pytest.raises(dl.DownloadError, match="Only --base takes a single-file checkpoint"):
+    with pytest.raises(dl.DownloadError, match="Only --base and --model take a single-file checkpoint"):
         dl._sources(None, "https://example.com/refiner.safetensors", "main")
 
 
@@ -542,7 +542,16 @@ def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 def test_help_lists_the_options():
     result = run_script("--help")
     assert result.returncode == 0
-    for option in ("--dest", "--base", "--refiner", "--revision", "SDXL_HUB_MIRROR"):
+    for option in (
+        "--dest",
+        "--base",
+        "--refiner",
+        "--revision",
+        "--model",
+        "--base-name",
+        "--profile",
+        "SDXL_HUB_MIRROR",
+    ):
         assert option in result.stdout
 
 
@@ -684,3 +693,45 @@ def test_script_downloads_from_the_hub_api_then_reports_up_to_date(tmp_path, mon
     caplog.set_level("INFO")
     dl.download(dest)
     assert "up to date" in caplog.text
+
+
+def test_several_models_are_baked_under_their_names_sharing_identical_files(mirror, tmp_path):
+    dest = tmp_path / "weights"
+    anime = Path(shutil.copytree(mirror / BASE, tmp_path / "anime"))
+    (anime / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"anime unet\n" * 3)
+
+    manifest = dl.download(dest, models={"anime": str(anime)}, base_name="sdxl", profiles={"anime": "turbo"})
+
+    assert [(m["name"], m["dir"]) for m in manifest["models"]] == [("sdxl", "base"), ("anime", "models/anime")]
+    assert manifest["models"][1]["profile"] == {"preset": "turbo"} and "profile" not in manifest["models"][0]
+    assert manifest["models"][1]["source"].startswith(f"{anime} -> local-")
+    assert {f.removeprefix("models/anime/") for f in manifest["files"] if f.startswith("models/anime/")} == {
+        f.removeprefix("base/") for f in EXPECTED_FILES if f.startswith("base/")
+    }
+    unet = "unet/diffusion_pytorch_model.fp16.safetensors"
+    assert (dest / "models/anime" / unet).read_bytes() == b"anime unet\n" * 3
+    # Identical files are one copy on disk; the differing UNet is its own.
+    text_encoder = "text_encoder/model.fp16.safetensors"
+    assert (dest / "models/anime" / text_encoder).samefile(dest / "base" / text_encoder)
+    assert not (dest / "models/anime" / unet).samefile(dest / "base" / unet)
+    verify(dest, full_hash=True)
+    up_to_date = dl.download(dest, models={"anime": str(anime)}, base_name="sdxl", profiles={"anime": "turbo"})
+    assert up_to_date == manifest
+
+    # Dropping the model from the request removes it; the manifest is today's single-model one again.
+    manifest = dl.download(dest)
+    assert "models" not in manifest and not (dest / "models/anime").exists()
+
+
+@pytest.mark.parametrize(
+    "models,base_name,profiles,message",
+    [
+        ({"../x": "a/b"}, None, {}, "Model name '../x' is not allowed"),
+        ({"x": "a/b"}, "x", {}, "given to the base and to a --model"),
+        ({"x": "a/b"}, None, {"y": "turbo"}, "--profile y=turbo: no model is named 'y'"),
+        ({"y": "a/b"}, None, {"y": "fast"}, "--profile y=fast: unknown preset; use one of sdxl, turbo, lightning"),
+    ],
+)
+def test_bad_model_names_and_profiles_are_refused(mirror, tmp_path, models, base_name, profiles, message):
+    with pytest.raises(dl.DownloadError, match=re.escape(message)):
+        dl.download(tmp_path / "weights", models=models, base_name=base_name, profiles=profiles)

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,6 +18,7 @@ from tests.conftest import REPO_ROOT
 
 READY_TIMEOUT_S = 300
 PREDICT_TIMEOUT_S = 300
+BUSY_WAIT_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,15 @@ def predict(server, **inputs) -> requests.Response:
     return requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=PREDICT_TIMEOUT_S)
 
 
+def predict_when_free(server, **inputs) -> requests.Response:
+    """predict(), sent again while coglet answers 409: it frees its slot just after the previous response
+    (README, "a sequential client can get 409"), and these tests send their requests back to back."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while (response := predict(server, **inputs)).status_code == 409 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return response
+
+
 def test_health_is_ready(server):
     assert server.health()["status"] == "READY"
 
@@ -54,6 +65,8 @@ def test_prediction_returns_images_of_the_requested_size_and_count(server):
     assert body["metrics"]["seeds"] == [5, 6]
     assert body["metrics"]["base_steps"] == 2
     assert "base: step 2/2" in body["logs"]
+    # Peak GPU memory is reported only where there is a GPU.
+    assert not {"gpu_peak_memory_bytes", "gpu_memory_fraction"} & set(body["metrics"])
 
 
 def test_out_of_range_input_is_a_422_naming_the_field(server):
@@ -113,3 +126,17 @@ def test_async_prediction_delivers_completed_webhook(server):
         assert decode_outputs(final)[0].size == (256, 256)
     finally:
         receiver.shutdown()
+
+
+def test_refiner_only_without_an_image_fails_naming_the_fix_and_with_one_refines_it(server, tmp_path):
+    body = predict_when_free(server, prompt="x", refine="refiner_only").json()
+    assert body["status"] == "failed"
+    assert "refine=refiner_only refines an existing image, but no image was given: pass image" in body["error"]
+
+    source = io.BytesIO()
+    Image.new("RGB", (256, 192), (200, 40, 40)).save(source, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(source.getvalue()).decode()
+    body = predict_when_free(server, prompt="x", image=uri, refine="refiner_only", refine_steps=2, seed=1).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert [img.size for img in decode_outputs(body)] == [(256, 192)]
+    assert body["metrics"]["refiner_steps"] == 2 and "base_steps" not in body["metrics"]

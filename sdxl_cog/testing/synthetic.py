@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from sdxl_cog.weights.layout import (
     REFINER_DIR,
     SAFETY_CHECKER_DIR,
     VAE_DIR,
+    model_dir,
     read_manifest,
     write_manifest,
 )
@@ -233,6 +235,64 @@ def make_weights(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
     return write_manifest(root, sources={d: origin for d in (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR)})
 
 
+# An extra checkpoint always has its own UNet; these parts are copied from base/ as hard links (one copy on
+# disk, and loaded once: models.load_checkpoints) unless the checkpoint is asked to have its own.
+SHARED_WITH_BASE = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+DEFAULT_BASE_NAME = "sdxl-base"
+# A tiny checkpoint that serves with SDXL-Turbo's defaults (sdxl_cog/profiles.py).
+TURBO_PROFILE = {"preset": "turbo"}
+
+
+def add_model(
+    root: Path | str,
+    name: str,
+    seed: int,
+    own: tuple[str, ...] = (),
+    profile: dict | None = None,
+    base_name: str = DEFAULT_BASE_NAME,
+) -> dict:
+    """Bake one more synthetic checkpoint into weights made by make_weights: models/NAME, laid out like base/,
+    with a UNet from `seed` and, for each part in `own`, its own random weights instead of base/'s.
+    The first call names base/ `base_name` in the manifest's models list. Returns the manifest."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    size = manifest["sources"][BASE_DIR].split()[1]  # "synthetic SIZE weights, seed N (...)"
+    configs = sdxl_configs(size)
+    folder = model_dir(name)
+    (root / MANIFEST_NAME).unlink()
+    for item in ("model_index.json", "scheduler"):
+        _link_tree(root / BASE_DIR / item, root / folder / item)
+    for part in SHARED_WITH_BASE:
+        if part not in own:
+            _link_tree(root / BASE_DIR / part, root / folder / part)
+    parts = {p.config: p for p in PARTS}
+    for part, config in (("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder_2"), ("unet", "unet_base")):
+        if part == "unet" or part in own:
+            built = Part(f"{folder}/{part}", config, parts[config].build)
+            _write_part(root, built, configs[config], _part_seed(seed, built.path))
+    models = manifest.get("models") or [{"name": base_name, "dir": BASE_DIR, "source": manifest["sources"][BASE_DIR]}]
+    entry = {
+        "name": name,
+        "dir": folder,
+        "source": f"synthetic {size} weights, seed {seed} (sdxl_cog/testing/synthetic.py)",
+    }
+    if profile:
+        entry["profile"] = profile
+    return write_manifest(root, manifest["sources"], models=[*models, entry])
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link a file or a folder's files: the bytes stay on disk once."""
+    if source.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        os.link(source, target)
+        return
+    for path in source.rglob("*"):
+        if path.is_file():
+            _link_tree(path, target / path.relative_to(source))
+
+
 def set_safety_checker_flags_everything(root: Path | str) -> None:
     """Make the safety checker under `root` flag every image (tests of the black-image path)."""
     root = Path(root)
@@ -242,10 +302,11 @@ def set_safety_checker_flags_everything(root: Path | str) -> None:
         tensors[name] = torch.full_like(tensors[name], FLAG_EVERYTHING_THRESHOLD)
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
     _make_readable(path.parent)
-    sources = read_manifest(root)["sources"]
+    manifest = read_manifest(root)
+    sources = manifest["sources"]
     if not sources[SAFETY_CHECKER_DIR].endswith(FLAGS_EVERYTHING_NOTE):
         sources[SAFETY_CHECKER_DIR] += FLAGS_EVERYTHING_NOTE
-    write_manifest(root, sources)
+    write_manifest(root, sources, models=manifest.get("models"))
 
 
 def architecture(name: str) -> dict:

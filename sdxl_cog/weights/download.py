@@ -10,6 +10,8 @@ continues its `.incomplete` files, URLs their `.part` file (sdxl_cog/weights/url
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -22,14 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..catalog import legacy_name
+from ..profiles import PRESETS
 from .convert import convert_single_file, convert_weights
 from .layout import (
     BASE_DIR,
     MANIFEST_NAME,
+    MODELS_DIR,
     REFINER_DIR,
     SAFETY_CHECKER_DIR,
     VAE_DIR,
     WeightsError,
+    model_dir,
     read_manifest,
     sha256_of,
     verify,
@@ -230,24 +236,83 @@ def fill_from_single_file(root: Path, part: Part, checkpoint: SingleFile, old: d
 # --- The recipe -------------------------------------------------------------------------------------
 
 
-def _sources(base: str | None, refiner: str | None, revision: str) -> dict[str, HubRepo | MirrorRepo | SingleFile]:
+def _sources(
+    base: str | None, refiner: str | None, revision: str, models: dict[str, str] | None = None
+) -> dict[str, HubRepo | MirrorRepo | SingleFile]:
     specs = {BASE_DIR: base, REFINER_DIR: refiner}
     sources = {
         folder: open_source(specs.get(folder) or part.repo, revision if folder == BASE_DIR else "main")
         for folder, part in PARTS.items()
     }
     if isinstance(sources[REFINER_DIR], SingleFile):
-        raise DownloadError("Only --base takes a single-file checkpoint; --refiner needs a diffusers repo.")
-    return sources
+        raise DownloadError("Only --base and --model take a single-file checkpoint; --refiner needs a diffusers repo.")
+    # Further checkpoints come like the base (a repo at main, or a single file), each into models/NAME.
+    return sources | {model_dir(name): open_source(spec) for name, spec in (models or {}).items()}
 
 
-def _up_to_date(root: Path, requests_by_part: dict[str, str]) -> bool:
-    """The manifest records the same requests and every file is present at its recorded size."""
+# A checkpoint's name is a folder name and a request's `model` value: keep it plain.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _check_model_names(base_name: str | None, models: dict[str, str]) -> None:
+    for name in [base_name, *models] if base_name else models:
+        if not MODEL_NAME.fullmatch(name):
+            raise DownloadError(
+                f"Model name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (64 at most), "
+                "starting with a letter or digit."
+            )
+    if base_name in models:
+        raise DownloadError(f"Model name {base_name!r} is given to the base and to a --model.")
+
+
+def _check_profiles(profiles: dict[str, str], names: list[str | None]) -> dict[str, dict]:
+    for name, preset in profiles.items():
+        if name not in names:
+            raise DownloadError(f"--profile {name}={preset}: no model is named {name!r} (give --model or --base-name).")
+        if preset not in PRESETS:
+            raise DownloadError(f"--profile {name}={preset}: unknown preset; use one of {', '.join(PRESETS)}.")
+    return {name: {"preset": preset} for name, preset in profiles.items()}
+
+
+def _part(folder: str) -> Part:
+    """The layout part that fills `folder`: a further checkpoint is filled exactly like base/."""
+    return PARTS.get(folder) or dataclasses.replace(PARTS[BASE_DIR], folder=folder)
+
+
+def _share_identical_files(root: Path, folders: list[str]) -> None:
+    """Make each file of a further checkpoint that equals an earlier checkpoint's byte for byte a hard link to
+    it: one copy on disk, and one component in memory (models.load_checkpoints sees equal sha256)."""
+    files = [p for f in folders for p in sorted((root / f).rglob("*")) if p.is_file() and ".cache" not in p.parts]
+    sizes = collections.Counter(p.stat().st_size for p in files)
+    seen: dict[tuple[int, str], Path] = {}
+    # Only files whose size another one shares can be equal: the rest are not hashed here.
+    for path in (p for p in files if sizes[p.stat().st_size] > 1):
+        first = seen.setdefault((path.stat().st_size, sha256_of(path)), path)
+        if first != path and not path.samefile(first):
+            tmp = path.with_name(path.name + ".link")
+            os.link(first, tmp)
+            os.replace(tmp, path)
+
+
+def _prune_models(root: Path, wanted: set[str]) -> None:
+    """Checkpoints baked by an earlier run but not asked for now leave the image."""
+    models = root / MODELS_DIR
+    if models.is_dir():
+        for folder in sorted(models.iterdir()):
+            if f"{MODELS_DIR}/{folder.name}" not in wanted:
+                logger.info("%s: no longer asked for; removing it.", folder)
+                shutil.rmtree(folder)
+
+
+def _up_to_date(root: Path, requests_by_part: dict[str, str], names: list[str]) -> bool:
+    """The manifest records the same requests and names and every file is present at its recorded size."""
     try:
         manifest = verify(root)
     except WeightsError:
         return False
     recorded = manifest.get("sources", {})
+    if [m["name"] for m in manifest.get("models", [])] != names or set(recorded) != set(requests_by_part):
+        return False
     return all(recorded.get(folder, "").split(" -> ")[0] == label for folder, label in requests_by_part.items())
 
 
@@ -266,18 +331,34 @@ def _set_aside_manifest(root: Path) -> dict:
         return {}
 
 
-def download(root: Path, base: str | None = None, refiner: str | None = None, revision: str = "main") -> dict:
+def download(
+    root: Path,
+    base: str | None = None,
+    refiner: str | None = None,
+    revision: str = "main",
+    models: dict[str, str] | None = None,
+    base_name: str | None = None,
+    profiles: dict[str, str] | None = None,
+) -> dict:
     """Fill `root`; `base` may be a repo id, a mirror folder or a single `.safetensors` file or URL.
 
     `revision` (a branch, tag or commit) applies to the base repo, stock or not; the other parts use main.
+    `models` maps further checkpoints' names to sources taken like `base`; with them, the manifest lists every
+    checkpoint, base/ first under `base_name` (default: the last part of its source). `profiles` maps a model's
+    name to its profile preset (sdxl_cog/profiles.py), recorded in the manifest.
     Returns the manifest. Raises DownloadError (a source) or WeightsError (the result).
     """
     root = Path(root).resolve()
+    models = dict(models or {})
+    _check_model_names(base_name, models)
+    profiles = _check_profiles(profiles or {}, [base_name, *models])
     # 1. What was asked for, part by part (no network yet).
-    sources = _sources(base, refiner, revision)
+    sources = _sources(base, refiner, revision, models)
     labels = {folder: source.label for folder, source in sources.items()}
+    folders = [BASE_DIR, *(model_dir(name) for name in models)]
+    names = [base_name or legacy_name({"sources": {BASE_DIR: labels[BASE_DIR]}}), *models] if models else []
     # 2. Nothing to do when the manifest records the same sources and every file is intact.
-    if _up_to_date(root, labels):
+    if _up_to_date(root, labels, names):
         logger.info("%s is up to date (%s); nothing to download.", root, ", ".join(labels.values()))
         return read_manifest(root)
     # 3. Fill each part, keeping files intact from the last run of the same commit.
@@ -285,10 +366,17 @@ def download(root: Path, base: str | None = None, refiner: str | None = None, re
     resolved = {}
     for folder, source in sources.items():
         fill = fill_from_single_file if isinstance(source, SingleFile) else fill_from_repo
-        resolved[folder] = fill(root, PARTS[folder], source, old)
+        resolved[folder] = fill(root, _part(folder), source, old)
+    _prune_models(root, set(sources))
+    if models:
+        _share_identical_files(root, folders)
     # 4. Record where each part came from, with every file's size and sha256, and check the result.
     shutil.rmtree(root / STAGING, ignore_errors=True)
-    write_manifest(root, sources=resolved)
+    listed = [
+        {"name": n, "dir": f, "source": resolved[f], **({"profile": profiles[n]} if n in profiles else {})}
+        for n, f in zip(names, folders, strict=False)
+    ]
+    write_manifest(root, sources=resolved, models=listed or None)
     manifest = verify(root)
     logger.info("%s: %d files verified.", root, len(manifest["files"]))
     return manifest

@@ -9,6 +9,12 @@ Face), `script/make-test-weights` (synthetic weights) and the Docker build write
       refiner/           the refiner's own parts: model_index.json, scheduler/, unet/
       vae/               madebyollin/sdxl-vae-fp16-fix, shared by base and refiner
       safety_checker/    CompVis/stable-diffusion-safety-checker and its image processor config
+      models/NAME/       each further SDXL checkpoint, laid out like base/ (a request picks one by name)
+
+The manifest's `models` list names every checkpoint in order, the first being base/ (the default), with
+its folder and source. A manifest without that list (written before several models could be baked)
+describes base/ alone, named after its source, so such a weights directory loads as it always did.
+Files that two checkpoints share byte for byte (same sha256) are hard links to one copy.
 
 Every weight file is an fp16 variant, the dtype setup() runs in on a GPU, even where the source repo
 ships only fp32 (the VAE and the safety checker): casting at download time instead of in every setup()
@@ -31,6 +37,7 @@ BASE_DIR = "base"
 REFINER_DIR = "refiner"
 VAE_DIR = "vae"
 SAFETY_CHECKER_DIR = "safety_checker"
+MODELS_DIR = "models"
 
 # The files setup() cannot start without, relative to the weights root, with diffusers' "fp16" variant names.
 REQUIRED_FILES = (
@@ -60,7 +67,7 @@ REQUIRED_FILES = (
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
 # The manifest covers these folders only: whatever else sits in weights/ (its README, an operator's
 # loras/ or notes) is not a weight, and editing it must never fail setup.
-PART_DIRS = (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR)
+PART_DIRS = (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR, MODELS_DIR)
 
 
 class WeightsError(RuntimeError):
@@ -81,12 +88,15 @@ def _weight_files(root: Path) -> list[Path]:
     return sorted(p for p in files if p.is_file() and ".cache" not in p.relative_to(root).parts)
 
 
-def write_manifest(root: Path, sources: dict[str, str]) -> dict:
-    """Hash every weight file under `root` and write manifest.json; `sources` records where each part came from."""
+def write_manifest(root: Path, sources: dict[str, str], models: list[dict] | None = None) -> dict:
+    """Hash every weight file under `root` and write manifest.json; `sources` records where each part came from,
+    `models` (see the module docstring) the checkpoints beyond a single base/."""
     files = {
         p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in _weight_files(root)
     }
     manifest = {"format": MANIFEST_FORMAT, "sources": sources, "files": files}
+    if models:
+        manifest["models"] = models
     with atomic_target(root / MANIFEST_NAME) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
@@ -118,7 +128,7 @@ def verify(root: Path, full_hash: bool = False) -> dict:
         raise WeightsError(f"Weights directory {root} does not exist. Fill it with {FIX_COMMAND}.")
     manifest = read_manifest(root)
     files = manifest["files"]
-    for required in REQUIRED_FILES:
+    for required in REQUIRED_FILES + _model_files(manifest):
         if required not in files or not (root / required).is_file():
             raise WeightsError(f"Missing weights file {root / required}. Fill {root} with {FIX_COMMAND}.")
     for name, entry in files.items():
@@ -134,3 +144,14 @@ def verify(root: Path, full_hash: bool = False) -> dict:
         if full_hash and sha256_of(path) != entry["sha256"]:
             raise WeightsError(f"Weights file {path} does not match its sha256 in the manifest. Re-run {FIX_COMMAND}.")
     return manifest
+
+
+def _model_files(manifest: dict) -> tuple[str, ...]:
+    """The files each further checkpoint cannot load without: those of base/, under its own folder."""
+    folders = [m["dir"] for m in manifest.get("models", []) if m["dir"] != BASE_DIR]
+    base_files = [f.removeprefix(BASE_DIR + "/") for f in REQUIRED_FILES if f.startswith(BASE_DIR + "/")]
+    return tuple(f"{folder}/{name}" for folder in folders for name in base_files)
+
+
+def model_dir(name: str) -> str:
+    return f"{MODELS_DIR}/{name}"

@@ -1,0 +1,65 @@
+"""The SDXL checkpoints a weights directory holds, read from its manifest (layout: sdxl_cog/weights/layout.py).
+
+Pure functions over the manifest: which checkpoints there are, in which folder, from which source, and which
+of their components are byte-identical (so that they are loaded once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .weights.layout import BASE_DIR
+
+# The parts of a checkpoint folder that can be shared with another checkpoint when identical.
+SHAREABLE = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.fp16.safetensors"
+# A1111 writes the first 10 hex digits of the checkpoint's sha256 as "Model hash".
+SHORT_HASH_CHARS = 10
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    folder: str  # relative to the weights root
+    source: str
+    unet_sha256: str
+    profile: dict = field(default_factory=dict)
+
+    @property
+    def short_hash(self) -> str:
+        return self.unet_sha256[:SHORT_HASH_CHARS]
+
+
+def legacy_name(manifest: dict) -> str:
+    """The single base's name in a manifest without a `models` list, e.g. `stable-diffusion-xl-base-1.0`."""
+    source = str(manifest.get("sources", {}).get("base", "stable-diffusion-xl-base-1.0")).split(" -> ")[0]
+    return source.split("@")[0].rstrip("/").split("/")[-1] or source
+
+
+def checkpoints(manifest: dict) -> list[Checkpoint]:
+    """Every checkpoint, the default first. A manifest without `models` describes base/ alone."""
+    entries = manifest.get("models") or [
+        {"name": legacy_name(manifest), "dir": BASE_DIR, "source": manifest.get("sources", {}).get("base", "")}
+    ]
+    files = manifest["files"]
+    return [
+        Checkpoint(
+            name=e["name"],
+            folder=e["dir"],
+            source=e.get("source", ""),
+            unet_sha256=files.get(f"{e['dir']}/{UNET_WEIGHTS}", {}).get("sha256", ""),
+            profile=dict(e.get("profile") or {}),
+        )
+        for e in entries
+    ]
+
+
+def component_key(manifest: dict, folder: str, component: str) -> tuple:
+    """What a component is made of: each file's name and sha256. Equal keys mean byte-identical components."""
+    prefix = f"{folder}/{component}/"
+    return tuple(
+        sorted(
+            (name.removeprefix(prefix), entry["sha256"])
+            for name, entry in manifest["files"].items()
+            if name.startswith(prefix)
+        )
+    )
