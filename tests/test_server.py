@@ -56,7 +56,9 @@ def test_health_is_ready(server):
 
 
 def test_prediction_returns_images_of_the_requested_size_and_count(server):
-    response = predict(server, prompt="a castle", width=256, height=192, num_outputs=2, num_inference_steps=2, seed=5)
+    response = predict_when_free(
+        server, prompt="a castle", width=256, height=192, num_outputs=2, num_inference_steps=2, seed=5
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "succeeded", body.get("error")
@@ -70,23 +72,24 @@ def test_prediction_returns_images_of_the_requested_size_and_count(server):
 
 
 def test_out_of_range_input_is_a_422_naming_the_field(server):
-    response = predict(server, prompt="x", num_outputs=9)
+    response = predict_when_free(server, prompt="x", num_outputs=9)
     assert response.status_code == 422
     assert any(err["loc"][-1] == "num_outputs" for err in response.json()["detail"])
 
 
 def test_unknown_scheduler_is_a_422(server):
-    response = predict(server, prompt="x", scheduler="NotASampler")
+    response = predict_when_free(server, prompt="x", scheduler="NotASampler")
     assert response.status_code == 422
     assert "scheduler" in response.text
 
 
 def test_invalid_size_fails_with_a_clear_message_and_the_server_keeps_serving(server):
-    response = predict(server, prompt="x", width=300, height=256, num_inference_steps=1)
+    response = predict_when_free(server, prompt="x", width=300, height=256, num_inference_steps=1)
     body = response.json()
     assert body["status"] == "failed"
     assert "width=300 is not a multiple of 8; use 296 or 304" in body["error"]
-    assert predict(server, prompt="x", width=256, height=256, num_inference_steps=1).json()["status"] == "succeeded"
+    after = predict_when_free(server, prompt="x", width=256, height=256, num_inference_steps=1)
+    assert after.json()["status"] == "succeeded"
 
 
 class _WebhookReceiver(BaseHTTPRequestHandler):
