@@ -22,7 +22,7 @@ from . import images
 from .pipelines import LoadedModels, Model, synchronize
 from .placement import Placement
 from .prompts import PromptEmbeddings, encode_prompts
-from .request import REFINER_ONLY, GenerationRequest, base_image_refiner_schedule
+from .request import GenerationRequest, Refine, base_image_refiner_schedule
 from .safety import SafetyChecker, blacken_flagged
 from .watermark import watermark_images
 
@@ -96,7 +96,7 @@ def _base_kwargs(req: GenerationRequest) -> dict:
     kwargs = {"num_inference_steps": req.num_inference_steps, "width": req.width, "height": req.height}
     if req.image is not None:
         kwargs.update(_source_kwargs(req), strength=req.prompt_strength)
-    if req.refine == "expert_ensemble_refiner":
+    if req.refine is Refine.EXPERT_ENSEMBLE:
         kwargs["denoising_end"] = req.high_noise_frac
     return kwargs
 
@@ -108,7 +108,7 @@ def _refiner_kwargs(req: GenerationRequest, latents: torch.Tensor | None) -> dic
     if req.mask is not None:
         # The inpaint pipeline sizes its mask from width/height, not from the latents it is given.
         kwargs.update(mask_image=req.mask, width=req.width, height=req.height)
-    if req.refine == "expert_ensemble_refiner":
+    if req.refine is Refine.EXPERT_ENSEMBLE:
         return {**kwargs, "num_inference_steps": req.num_inference_steps, "denoising_start": req.high_noise_frac}
     total = base_image_refiner_schedule(req.refine_steps, req.refine_strength)
     return {**kwargs, "num_inference_steps": total, "strength": req.refine_strength}
@@ -161,9 +161,7 @@ def generate(
 ) -> GenerationResult:
     run = Run(device)
     generators = _generators(req.seeds)
-    refining = req.refine != "no_refiner"
-    # refiner_only: the refiner alone, img2img (or inpaint) on the user's image.
-    running_base = req.refine != REFINER_ONLY
+    refining, running_base = req.refine.runs_refiner, req.refine.runs_base
 
     # Each phase first puts its modules on the device (a no-op unless in low-VRAM mode), so that its
     # time includes the copies it waited for.

@@ -27,7 +27,7 @@ from .config import (
     VAE_DECODE_BYTES_PER_MEGAPIXEL,
 )
 from .errors import InputError
-from .request import GenerationRequest
+from .request import GenerationRequest, Refine
 
 
 def activation_bytes(width: int, height: int, num_outputs: int) -> int:
@@ -99,7 +99,7 @@ def release_memory(device: str) -> None:
 
 def _what(req: GenerationRequest, prompt_tokens: int) -> str:
     what = f"{req.num_outputs} image(s) at {req.width}x{req.height}"
-    if req.refine != "no_refiner":
+    if req.refine.runs_refiner:
         what += " with the refiner"
     if prompt_chunks(prompt_tokens) > 1:
         what += f" from a {prompt_tokens}-token prompt ({prompt_chunks(prompt_tokens)} chunks of {PROMPT_CHUNK_TOKENS})"
@@ -108,8 +108,8 @@ def _what(req: GenerationRequest, prompt_tokens: int) -> str:
 
 def _advice(req: GenerationRequest, prompt_tokens: int) -> str:
     levers = ["lower num_outputs or width/height"]
-    if req.refine != "no_refiner":
-        levers.append("use refine=no_refiner")
+    if req.refine.runs_refiner:
+        levers.append(f"use refine={Refine.NONE}")
     if prompt_chunks(prompt_tokens) > 1:
         levers.append(
             f"shorten the prompt (every {PROMPT_CHUNK_TOKENS} tokens past the first {PROMPT_CHUNK_TOKENS} cost memory)"

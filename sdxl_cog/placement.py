@@ -50,6 +50,9 @@ def stage_peak_bytes(sizes: dict[str, int]) -> int:
 class ResidentPlacement:
     """Every module on the device for good: nothing moves during a prediction."""
 
+    # pipelines.py keeps a GPU cache of checkpoints only when modules stay resident.
+    low_vram = False
+
     def __init__(self, device: str, modules: dict[str, torch.nn.Module]):
         self.modules = modules
         for module in modules.values():
@@ -75,6 +78,8 @@ class StagedPlacement:
     eviction is free (inference never writes the weights, so the GPU copy is dropped, not copied back),
     and the CPU copy stays pinned, so the next copy to the GPU runs at full PCIe speed without staging.
     """
+
+    low_vram = True
 
     def __init__(self, device: str, modules: dict[str, torch.nn.Module]):
         self.device = torch.device(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from PIL import Image
@@ -18,9 +19,34 @@ from .config import DEFAULT_SIDE, MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from .errors import InputError
 from .profiles import DEFAULT_PROFILE, Profile
 
-REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner", "refiner_only"]
-# The refine mode that runs the refiner alone on the user's own image (no base model, no prompt_strength).
-REFINER_ONLY = "refiner_only"
+
+class Refine(StrEnum):
+    """The refine modes (predict.py's `refine` choices), and what each one runs."""
+
+    NONE = "no_refiner"
+    # The base denoises the first high_noise_frac of the steps, the refiner the rest (SDXL's "ensemble of
+    # expert denoisers").
+    EXPERT_ENSEMBLE = "expert_ensemble_refiner"
+    # The base makes an image, then the refiner runs img2img on it: refine_steps at refine_strength.
+    BASE_IMAGE = "base_image_refiner"
+    # The refiner alone, img2img on the user's own image: no base, no prompt_strength.
+    REFINER_ONLY = "refiner_only"
+
+    @property
+    def runs_base(self) -> bool:
+        return self is not Refine.REFINER_ONLY
+
+    @property
+    def runs_refiner(self) -> bool:
+        return self is not Refine.NONE
+
+    @property
+    def refines_an_image(self) -> bool:
+        """The refiner runs img2img on a finished image, with refine_steps and refine_strength."""
+        return self in (Refine.BASE_IMAGE, Refine.REFINER_ONLY)
+
+
+REFINE_MODES = [mode.value for mode in Refine]
 
 
 @dataclass(frozen=True)
@@ -35,7 +61,7 @@ class GenerationRequest:
     num_inference_steps: int
     guidance_scale: float
     prompt_strength: float
-    refine: str
+    refine: Refine
     high_noise_frac: float
     refine_steps: int
     refine_strength: float
@@ -146,17 +172,18 @@ def build_request(
     for name, side in (("width", width), ("height", height)):
         if side is not None:
             check_side(name, side)
-    if refine == "expert_ensemble_refiner" and not 0.0 < high_noise_frac < 1.0:
+    refine = Refine(refine)
+    if refine is Refine.EXPERT_ENSEMBLE and not 0.0 < high_noise_frac < 1.0:
         raise InputError(
             f"high_noise_frac={high_noise_frac} must be strictly between 0 and 1 for expert_ensemble_refiner."
         )
-    if refine == REFINER_ONLY and image is None:
+    if not refine.runs_base and image is None:
         raise InputError(
             "refine=refiner_only refines an existing image, but no image was given: pass image (and optionally "
             "mask to refine only its white areas), or choose another refine mode to generate one."
         )
     # refiner_only never runs the base, so prompt_strength (the base's img2img strength) plays no part.
-    if image is not None and refine != REFINER_ONLY:
+    if image is not None and refine.runs_base:
         _check_prompt_strength(num_inference_steps, prompt_strength)
     mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height, profile.side)
     return GenerationRequest(

@@ -21,7 +21,7 @@ from .outputs import BackgroundEncoder, OutputDirectory, parameters_text
 from .pipelines import load_models
 from .profiles import Profile
 from .prompts import check_prompt_lengths
-from .request import REFINER_ONLY, GenerationRequest
+from .request import GenerationRequest, Refine
 from .schedulers import SCHEDULERS
 from .uploads import claim_input_dir, sweep_stale_inputs
 
@@ -68,7 +68,7 @@ class SDXLService:
         checkpoint = self.models.registry.resolve(req.model)
         prompt_tokens = check_prompt_lengths(self._tokenizers(), req.prompt, req.negative_prompt)
         self.budget.check(req, prompt_tokens)
-        if lora and req.refine == REFINER_ONLY:
+        if lora and not req.refine.runs_base:
             # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.
             raise InputError("lora_weights applies to the base model, which refine=refiner_only does not run: drop it.")
         started = time.perf_counter()
@@ -154,21 +154,17 @@ class SDXLService:
         if checkpoint.short_hash:
             fields["Model hash"] = checkpoint.short_hash
         fields["Model"] = checkpoint.name
-        if req.refine == REFINER_ONLY:
+        if not req.refine.runs_base:
             # Only the refiner ran: its steps and strength are the generation's.
             fields.update({"Steps": req.refine_steps, "Denoising strength": req.refine_strength})
         elif req.image is not None:
             fields["Denoising strength"] = req.prompt_strength
-        if req.refine == "expert_ensemble_refiner":
-            fields.update({"Refiner": "expert_ensemble_refiner", "Refiner switch at": req.high_noise_frac})
-        elif req.refine in ("base_image_refiner", REFINER_ONLY):
-            fields.update(
-                {
-                    "Refiner": req.refine,
-                    "Refiner steps": req.refine_steps,
-                    "Refiner strength": req.refine_strength,
-                }
-            )
+        if req.refine.runs_refiner:
+            fields["Refiner"] = req.refine.value
+        if req.refine is Refine.EXPERT_ENSEMBLE:
+            fields["Refiner switch at"] = req.high_noise_frac
+        elif req.refine.refines_an_image:
+            fields.update({"Refiner steps": req.refine_steps, "Refiner strength": req.refine_strength})
         if lora:
             fields.update({"Lora": lora.rstrip("/").rsplit("/", 1)[-1], "Lora scale": lora_scale})
         return fields
