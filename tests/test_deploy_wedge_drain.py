@@ -16,7 +16,7 @@ import requests
 from sdxl_cog.config import Settings
 from sdxl_cog.testing.cog_server import CogServer, free_port
 from tests.conftest import DEFAULT_OPTIONS, make_request
-from tests.test_deploy import FIXTURES, REPO_ROOT, by_kind, documents, drain_command, probe, run_probe
+from tests.test_deploy import FIXTURES, REPO_ROOT, by_kind, documents, drain_command, model_container, probe, run_probe
 from tests.test_reliability_server import Webhooks
 
 SERVER_START_S = 60
@@ -48,7 +48,7 @@ def gated(tmp_path):
 
 
 def live_command() -> list[str]:
-    (container,) = by_kind("kubernetes.yaml")["Deployment"]["spec"]["template"]["spec"]["containers"]
+    container = model_container(by_kind("kubernetes.yaml")["Deployment"]["spec"]["template"]["spec"])
     return container["livenessProbe"]["exec"]["command"]
 
 
@@ -155,7 +155,7 @@ def test_prestop_drain_lets_an_async_prediction_deliver_its_final_webhook(tmp_pa
 
 
 def test_graceful_wrapper_holds_sigterm_until_an_async_prediction_is_delivered(tmp_path, gated, webhooks):
-    (container,) = documents("kserve.yaml")[0]["spec"]["predictor"]["containers"]
+    container = model_container(documents("kserve.yaml")[0]["spec"]["predictor"])
     command = container["args"]
     # graceful.py runs the image's own command (and whatever flags the manifest adds, e.g. --host).
     assert command[:2] == ["python", "/src/deploy/graceful.py"] and command[2:5] == ["python", "-m", "cog.server.http"]

@@ -5,7 +5,6 @@ import base64
 import io
 import os
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -16,7 +15,7 @@ import requests
 from PIL import Image
 
 from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
-from sdxl_cog.testing.gateway import Gateway, GatewayError, nginx_available
+from sdxl_cog.testing.gateway import Gateway, GatewayError, nginx_available, nobody_readable_dir
 
 pytestmark = [
     pytest.mark.gateway,
@@ -94,8 +93,7 @@ def test_the_schema_needs_a_key_and_the_health_check_does_not(gateway):
 
 def test_keys_from_a_file_one_per_line(cog, tmp_path):
     # nginx's workers drop root for `nobody`, who cannot enter pytest's private tmp_path.
-    key_file = Path(tempfile.mkdtemp(prefix="gateway-keys-")) / "keys"
-    key_file.parent.chmod(0o755)
+    key_file = nobody_readable_dir("gateway-keys-") / "keys"
     key_file.write_text("# rotated 2026-12-01\nfile-key-one\n\n  file-key-two  \n")
     with Gateway(cog.port, env={"SDXL_API_KEYS_FILE": str(key_file), **UNLIMITED}) as gateway:
         assert predict(gateway, headers={"Authorization": "Bearer file-key-two"}).status_code == 200

@@ -5,7 +5,6 @@ it, serves through real nginx."""
 
 import json
 import re
-import tempfile
 from pathlib import Path
 
 import kubernetes_validate
@@ -15,7 +14,7 @@ import yaml
 from test_deploy import K8S_VERSIONS, by_kind, documents, model_container, pod_specs
 
 from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer
-from sdxl_cog.testing.gateway import Gateway, nginx_available
+from sdxl_cog.testing.gateway import Gateway, nginx_available, nobody_readable_dir
 
 GATEWAY = REPO_ROOT / "gateway"
 # The nginx configuration and the njs modules it imports.
@@ -78,10 +77,11 @@ def test_the_sidecar_mounts_that_config_and_its_keys_from_a_secret(manifest):
 def test_coglet_listens_on_loopback_and_only_the_gateway_is_exposed(manifest):
     spec = pod_specs()[manifest]
     model, gateway = model_container(spec), gateway_container(spec)
-    # The image's own CMD (Dockerfile) with the host bound to loopback.
+    # The image's own CMD (Dockerfile), under KServe wrapped by deploy/graceful.py, with the host bound to loopback.
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     (cmd,) = re.findall(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE)
-    assert model["args"] == [*json.loads(cmd), "--host", "127.0.0.1"]
+    wrapper = ["python", "/src/deploy/graceful.py"] if manifest == "kserve" else []
+    assert model["args"] == [*wrapper, *json.loads(cmd), "--host", "127.0.0.1"]
     assert env_of(gateway)["SDXL_GATEWAY_UPSTREAM"] == f"127.0.0.1:{MODEL_PORT}"
     if manifest == "kserve":
         # Knative routes to the one container with a port.
@@ -131,8 +131,7 @@ def test_the_sidecar_as_configured_by_the_manifests_serves(tmp_path):
     """The ConfigMap's files and a Secret-style key file, mounted where kubernetes.yaml mounts them."""
     gateway = gateway_container(pod_specs()["kubernetes"])
     env = env_of(gateway)
-    mounts = Path(tempfile.mkdtemp(prefix="gateway-mounts-"))  # readable by nginx's `nobody` workers
-    mounts.chmod(0o755)
+    mounts = nobody_readable_dir("gateway-mounts-")
     config_dir, keys_dir = mounts / "config", mounts / "keys"
     for directory in (config_dir, keys_dir):
         directory.mkdir(mode=0o755)

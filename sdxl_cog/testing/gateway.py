@@ -33,17 +33,24 @@ def nginx_available() -> bool:
     return shutil.which("nginx") is not None and shutil.which("envsubst") is not None
 
 
+def nobody_readable_dir(prefix: str) -> Path:
+    """A fresh directory that nginx's workers can enter: a root master runs them as `nobody`. It is made under
+    the system's temporary root, not tempfile's current directory, which an in-process SDXLService has made
+    its private (0700) input directory (sdxl_cog/uploads.py)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR") or "/tmp"))
+    path.chmod(0o755)
+    return path
+
+
 class Gateway:
     def __init__(self, upstream_port: int, env: dict[str, str] | None = None):
         self.upstream_port = upstream_port
         self.env = env or {}
         self.port = free_port()
-        self._tmp = tempfile.TemporaryDirectory(prefix="sdxl-gateway-")
-        # A root master runs nginx's workers as nobody, who must reach the run directory.
-        Path(self._tmp.name).chmod(0o755)
+        self._tmp: Path | None = nobody_readable_dir("sdxl-gateway-")
         self.events_port = free_port()
-        self.run_dir = Path(self._tmp.name) / "run"
-        self.log_path = Path(self._tmp.name) / "nginx.log"
+        self.run_dir = self._tmp / "run"
+        self.log_path = self._tmp / "nginx.log"
         self.process: subprocess.Popen | None = None
 
     @property
@@ -98,5 +105,5 @@ class Gateway:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         if self._tmp is not None:
-            self._tmp.cleanup()
+            shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

@@ -32,8 +32,10 @@ function loadDocs() {
           status.textContent = "The server wants an API key: enter it above.";
         } else if (response.ok && response.body && response.body.paths) {
           HIDDEN_PATHS.forEach((path) => delete response.body.paths[path]);
-          const byId = response.body.paths["/predictions/{prediction_id}"];
-          if (byId) byId.get = GET_PREDICTION;
+          // Cog's own schema (what `cog build` writes) has no /predictions/{prediction_id}: add the
+          // gateway's GET there, beside whatever the server lists.
+          const paths = response.body.paths;
+          paths["/predictions/{prediction_id}"] = { ...(paths["/predictions/{prediction_id}"] || {}), get: GET_PREDICTION };
           response.text = JSON.stringify(response.body);
         }
       }
