@@ -77,8 +77,8 @@ class LoadedModels:
     placement: Placement  # which modules are on the device at each stage
     manifest: dict
     load_seconds: dict[str, float]
-    registry: ModelRegistry | None = None  # every checkpoint by name (models.py)
-    checkpoint_pipelines: dict[str, StableDiffusionXLPipeline] = field(default_factory=dict)
+    registry: ModelRegistry  # every checkpoint by name (models.py)
+    checkpoint_pipelines: dict[str, StableDiffusionXLPipeline]
 
 
 def _model(name: str, pipe: DiffusionPipeline) -> Model:
