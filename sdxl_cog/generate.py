@@ -3,11 +3,12 @@ decode, paste back, safety-check, watermark and hand over for encoding. Each pha
 step logs one line.
 
 After the last denoising step the images stay uint8 tensors on the generation device until each is handed
-over (one device-to-host copy per image), and each is handed over as soon as it is ready, so that the
-caller encodes image i while image i+1 decodes."""
+over (one device-to-host copy per image). Each image is finished (sdxl_cog/finishing.py) and encoded by the
+caller's sink while the next one decodes."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,12 +20,12 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 
 from . import images
+from .finishing import Finisher
 from .pipelines import LoadedModels, Model, synchronize
 from .placement import Placement
 from .prompts import PromptEmbeddings, encode_prompts
 from .request import GenerationRequest, Refine, base_image_refiner_schedule
-from .safety import SafetyChecker, blacken_flagged
-from .watermark import watermark_images
+from .safety import SafetyChecker
 
 # Receives each finished image, (H, W, 3) uint8 RGB in host memory, with its index.
 ImageSink = Callable[[int, np.ndarray], None]
@@ -45,13 +46,15 @@ class Run:
         self.device = device
         self.timings: dict[str, float] = {}
         self.steps: dict[str, int] = {}
+        self._timings_lock = threading.Lock()  # the finishing phases are timed in worker threads
 
     @contextmanager
     def phase(self, name: str):
         started = time.perf_counter()
         yield
         synchronize(self.device)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+        with self._timings_lock:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
     def step_logger(self, stage: str):
         """A callback_on_step_end that prints one clean line per step (no tqdm carriage returns)."""
@@ -199,25 +202,14 @@ def finish_images(
     watermark: bool,
     sink: ImageSink | None,
 ) -> tuple[list[np.ndarray], list[bool]]:
-    """From latents to host images, one image at a time: decode, restore the kept region of an inpainted
-    image exactly, safety check (a flagged image becomes black, never disappears), the invisible watermark,
-    one copy to the host, then the sink (which encodes it in the background while the next one decodes)."""
-    finished, flags = [], []
-    for index, latent in enumerate(latents):
-        with run.phase("vae_decode"):
-            pixels = _decode(vae, latent)
-        if kept is not None:
-            pixels = images.paste_back(pixels, *kept)
-        flagged = False
-        if checker is not None:
-            with run.phase("safety_check"):
-                (flagged,) = checker.flags(pixels)
-            pixels = blacken_flagged(pixels, [flagged])
-        flags.append(flagged)
-        if watermark:
-            with run.phase("watermark"):
-                pixels = watermark_images(pixels)
-        finished.append(pixels[0].cpu().numpy())
-        if sink is not None:
-            sink(index, finished[-1])
-    return finished, flags
+    """From latents to host images, one image at a time: decode and restore the kept region of an inpainted
+    image exactly here, then hand it to the Finisher (safety check, watermark, copy to the host, sink) and go
+    on to the next decode. A flagged image becomes black, never disappears."""
+    with Finisher(run, checker, watermark, sink) as finisher:
+        for index, latent in enumerate(latents):
+            with run.phase("vae_decode"):
+                pixels = _decode(vae, latent)
+            if kept is not None:
+                pixels = images.paste_back(pixels, *kept)
+            finisher.submit(index, pixels)
+        return finisher.results()

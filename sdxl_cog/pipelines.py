@@ -162,6 +162,9 @@ def _registry(settings: Settings, manifest: dict, pipelines: dict, placement: Pl
 
 
 def synchronize(device: str) -> None:
-    """Wait for queued GPU work, so that phase timings measure the phase and not the launch."""
+    """Wait for the GPU work this thread queued, so that phase timings measure the phase and not the launch.
+
+    The calling thread's stream only: the finishing workers' stream runs beside the decoder's, and neither
+    waits for the other."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()

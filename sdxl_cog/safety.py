@@ -30,17 +30,12 @@ class SafetyChecker:
     def clip_input(self, images: torch.Tensor) -> torch.Tensor:
         """(N, H, W, 3) uint8 RGB -> the model's (N, 3, 224, 224) input, as CLIPImageProcessor makes it."""
         p = self.processor
-        x = images.permute(0, 3, 1, 2).float()
-        height, width = x.shape[-2:]
+        height, width = images.shape[1:3]
         short = p.size["shortest_edge"]
         # transformers' get_resize_output_image_size: the short side to `short`, the long one truncated.
         scale = max(height, width) / min(height, width)
         size = (short, int(short * scale)) if height <= width else (int(short * scale), short)
-        # torch's antialiased bicubic is PIL's filter (a = -0.5, support widened when shrinking). PIL resizes
-        # an 8-bit image in two 8-bit passes, horizontal then vertical, rounding and clipping after each.
-        for pass_size in ((height, size[1]), size):
-            x = F.interpolate(x, size=pass_size, mode="bicubic", antialias=True, align_corners=False)
-            x = x.round_().clamp_(0, 255)
+        x = resize_like_pil(images.permute(0, 3, 1, 2), size)
         crop_h, crop_w = p.crop_size["height"], p.crop_size["width"]
         top, left = (size[0] - crop_h) // 2, (size[1] - crop_w) // 2
         x = x[:, :, top : top + crop_h, left : left + crop_w] * p.rescale_factor
@@ -65,6 +60,25 @@ class SafetyChecker:
         special = cosine_distance(embeds, model.special_care_embeds) - model.special_care_embeds_weights
         concepts = cosine_distance(embeds, model.concept_embeds) - model.concept_embeds_weights
         return torch.cat([special, concepts], dim=1).float()
+
+
+def resize_like_pil(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 3, H, W) uint8 images resized to `size` with PIL's bicubic filter, as float32 in 0..255.
+
+    On the CPU, torch's 8-bit antialiased kernel, a port of PIL's resampler (10x faster than the float
+    passes below); elsewhere, where that kernel does not exist, the float version of the same passes."""
+    if images.device.type == "cpu":
+        return F.interpolate(images, size=size, mode="bicubic", antialias=True).float()
+    return _resize_like_pil_in_float(images.float(), size)
+
+
+def _resize_like_pil_in_float(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # torch's antialiased bicubic is PIL's filter (a = -0.5, support widened when shrinking). PIL resizes
+    # an 8-bit image in two 8-bit passes, horizontal then vertical, rounding and clipping after each.
+    for pass_size in ((x.shape[-2], size[1]), size):
+        x = F.interpolate(x, size=pass_size, mode="bicubic", antialias=True, align_corners=False)
+        x = x.round_().clamp_(0, 255)
+    return x
 
 
 def blacken_flagged(images: torch.Tensor, flags: list[bool]) -> torch.Tensor:

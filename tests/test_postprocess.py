@@ -4,6 +4,8 @@ and paste-back against the PIL code they replaced."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 
 import cv2
@@ -16,10 +18,12 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import WATERMARK_BITS
 from imwatermark import WatermarkDecoder, WatermarkEncoder
 from PIL import Image, ImageOps
 
+from sdxl_cog import finishing
 from sdxl_cog import images as images_module
 from sdxl_cog.config import WATERMARK_MIN_SIDE
-from sdxl_cog.generate import to_uint8
-from sdxl_cog.safety import SafetyChecker
+from sdxl_cog.finishing import Finisher
+from sdxl_cog.generate import Run, to_uint8
+from sdxl_cog.safety import SafetyChecker, _resize_like_pil_in_float, resize_like_pil
 from sdxl_cog.testing.synthetic import SAFETY_CHECKER_DIR
 from sdxl_cog.watermark import _rgb_from_formula, _yuv_from_formula, watermark_images
 from tests.conftest import DEFAULT_OPTIONS, make_request
@@ -121,10 +125,11 @@ def test_paste_back_equals_pil_composite():
 
 
 # --- Safety checker ---------------------------------------------------------------------------------
-# The tensor path resizes in the same two 8-bit passes as PIL. Measured on the images below, its input
-# equals the PIL path's but at a few pixels, where a rounding tie of the intermediate 8-bit pass went the
-# other way (at most 2 grey levels seen, after CLIP's normalization 2/255 over its smallest std; the mean
-# difference at most 1.4e-4), and the scores differ by at most 2e-6 on the tiny checker.
+# Both tensor paths resize in the same two 8-bit passes as PIL (on the CPU torch's 8-bit kernel, elsewhere
+# float passes rounded to 8 bits). Measured on the images below, their input equals the PIL path's but at a
+# few pixels, where a rounding tie of the intermediate 8-bit pass went the other way (at most 2 grey levels
+# seen, after CLIP's normalization 2/255 over its smallest std; the mean difference at most 1.4e-4), and
+# the scores differ by at most 2e-6 on the tiny checker.
 GREY_LEVEL = 1 / 255 / 0.26130258
 CLIP_INPUT_TOLERANCE = 3 * GREY_LEVEL
 CLIP_INPUT_MEAN_TOLERANCE = 1e-3
@@ -179,6 +184,18 @@ def test_safety_flags_match_the_pil_path_when_the_threshold_splits_the_inputs(ch
     assert [f for f, c in zip(tensor_flags, clear) if c] == [f for f, c in zip(pil_flags, clear) if c]
 
 
+@pytest.mark.parametrize("size", SAFETY_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_device_resize_equals_the_cpu_kernel_within_a_grey_level(size):
+    """The float passes a GPU runs (tested here on the CPU) against the 8-bit kernel the CPU runs."""
+    batch = torch.from_numpy(np.stack(list(images_of(size).values()))).permute(0, 3, 1, 2)
+    target = (224, 224 * size[0] // size[1]) if size[1] <= size[0] else (224 * size[1] // size[0], 224)
+    on_cpu = resize_like_pil(batch, target)
+    on_device = _resize_like_pil_in_float(batch.float(), target)
+    assert on_cpu.shape == on_device.shape == (len(batch), 3, *target)
+    assert (on_cpu - on_device).abs().max() <= 2
+    assert (on_cpu != on_device).float().mean() < 0.01
+
+
 def test_safety_check_is_batched(checker):
     size = (776, 520)
     batch = np.stack(list(images_of(size).values()))
@@ -210,3 +227,68 @@ def test_each_image_is_written_while_the_next_one_decodes(service, monkeypatch):
     monkeypatch.setattr(vae, "decode", decode_after_the_previous_file)
     prediction = service.predict(make_request(num_outputs=2, seed=4), DEFAULT_OPTIONS, None, 0.6)
     assert calls == [0, 1] and all(path.exists() for path in prediction.paths)
+
+
+class ScriptedChecker:
+    """A safety checker whose verdict, and what it waits for before giving it, the test decides."""
+
+    def __init__(self, flagged: bool, wait_for: threading.Event | None = None):
+        self.flagged, self.wait_for = flagged, wait_for
+
+    def flags(self, images: torch.Tensor) -> list[bool]:
+        if self.wait_for is not None:
+            assert self.wait_for.wait(30), "the watermark did not start while the safety check ran"
+        return [self.flagged] * len(images)
+
+
+def finish(checker, watermark: bool, images: list[np.ndarray], sink=None) -> tuple[list[np.ndarray], list[bool]]:
+    with Finisher(Run("cpu"), checker, watermark, sink) as finisher:
+        for index, image in enumerate(images):
+            finisher.submit(index, torch.from_numpy(image.copy())[None])
+        return finisher.results()
+
+
+def test_the_safety_check_and_the_watermark_of_an_image_run_at_the_same_time(monkeypatch):
+    """The check waits until the watermark has started: run one after the other, they would never end."""
+    marking = threading.Event()
+
+    def watermark_that_signals(rgb):
+        marking.set()
+        return watermark_images(rgb)
+
+    monkeypatch.setattr(finishing, "watermark_images", watermark_that_signals)
+    image = photo(PHOTOS[0], (256, 256))
+    finished, flags = finish(ScriptedChecker(False, wait_for=marking), True, [image])
+    assert flags == [False]
+    assert np.array_equal(finished[0], reference_watermark(image))
+
+
+def test_a_flagged_image_is_black_with_the_mark_and_reaches_the_sink():
+    images = [photo(name, (256, 256)) for name in PHOTOS]
+    received = {}
+    finished, flags = finish(ScriptedChecker(True), True, images, sink=received.__setitem__)
+    black_marked = reference_watermark(np.zeros_like(images[0]))
+    assert flags == [True, True]
+    assert all(np.array_equal(image, black_marked) for image in finished)
+    assert sorted(received) == [0, 1] and all(received[i] is finished[i] for i in received)
+
+
+def test_without_checker_or_watermark_the_decoded_pixels_are_handed_over_as_they_are():
+    images = [photo(PHOTOS[1], (256, 256)), noisy((264, 256))]
+    finished, flags = finish(None, False, images)
+    assert flags == [False, False]
+    assert all(np.array_equal(a, b) for a, b in zip(finished, images))
+
+
+def test_a_failed_hand_over_fails_the_request_at_the_next_image():
+    def full_disk(index, image):
+        raise OSError(28, "No space left on device")
+
+    image = torch.from_numpy(noisy((256, 256)))[None]
+    with Finisher(Run("cpu"), None, False, full_disk) as finisher:
+        finisher.submit(0, image)
+        concurrent.futures.wait(finisher.handovers)
+        with pytest.raises(OSError, match="No space left"):
+            finisher.submit(1, image)
+        with pytest.raises(OSError, match="No space left"):
+            finisher.results()

@@ -1,0 +1,97 @@
+"""Finishing decoded images away from the thread that decodes them: the safety check, the invisible
+watermark, the one copy to host memory and the hand-over to the encoder run in two worker threads while
+the next image decodes.
+
+On the CPU the workers run on the cores the decoder leaves free. On a GPU they queue their kernels on a
+stream of their own, which waits for the image's decode (an event) but not for the next one, so the
+decoder's stream never waits for them either.
+
+For each image the safety check and the watermark run at the same time (both only read the decoded
+pixels), so after the last decode what remains is the longer of the two, one copy and one encode. A
+flagged image is replaced by black and the mark is embedded again, in the black image: a flagged output is
+exactly what checking before marking would give.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .safety import SafetyChecker, blacken_flagged
+from .watermark import watermark_images
+
+if TYPE_CHECKING:
+    from .generate import ImageSink, Run
+
+# One for the safety check of image i, one for its watermark and hand-over: jobs are taken in the order
+# they were submitted, so a hand-over only ever waits for a check that is already running.
+WORKERS = 2
+
+
+class Finisher:
+    def __init__(self, run: Run, checker: SafetyChecker | None, watermark: bool, sink: ImageSink | None):
+        self.run, self.checker, self.watermark, self.sink = run, checker, watermark, sink
+        self.stream = torch.cuda.Stream(run.device) if run.device.startswith("cuda") else None
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="finish")
+        self.handovers: list[Future] = []
+
+    def submit(self, index: int, pixels: torch.Tensor) -> None:
+        """Queue a decoded (1, H, W, 3) uint8 image, on the generation device, for finishing."""
+        for handover in self.handovers:  # a failed image ends the request before the next decode
+            if handover.done() and handover.exception() is not None:
+                raise handover.exception()
+        decoded = None
+        if self.stream is not None:
+            decoded = torch.cuda.Event()
+            decoded.record()
+        flag = self.pool.submit(self._check, pixels, decoded) if self.checker is not None else None
+        self.handovers.append(self.pool.submit(self._finish, index, pixels, decoded, flag))
+
+    def results(self) -> tuple[list[np.ndarray], list[bool]]:
+        """The finished host images and their safety flags, in order, once every one is handed over."""
+        finished = [handover.result() for handover in self.handovers]
+        return [image for image, _ in finished], [flagged for _, flagged in finished]
+
+    @contextmanager
+    def _after(self, decoded: torch.cuda.Event | None):
+        """Run the block's device work on the finishing stream, after the image's decode."""
+        if self.stream is None:
+            with torch.inference_mode():
+                yield
+            return
+        with torch.cuda.stream(self.stream), torch.inference_mode():
+            self.stream.wait_event(decoded)
+            yield
+
+    def _check(self, pixels: torch.Tensor, decoded) -> bool:
+        with self._after(decoded), self.run.phase("safety_check"):
+            (flagged,) = self.checker.flags(pixels)
+        return flagged
+
+    def _mark(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self.run.phase("watermark") if self.watermark else nullcontext():
+            return watermark_images(pixels) if self.watermark else pixels
+
+    def _finish(self, index: int, pixels: torch.Tensor, decoded, flag: Future | None) -> tuple[np.ndarray, bool]:
+        with self._after(decoded):
+            marked = self._mark(pixels)
+            flagged = flag is not None and flag.result()
+            if flagged:
+                marked = self._mark(blacken_flagged(pixels, [True]))
+            # The only device-to-host copy of the image; on a GPU it waits for this stream alone.
+            image = marked[0].cpu().numpy()
+        if self.sink is not None:
+            self.sink(index, image)
+        return image, flagged
+
+    def __enter__(self) -> Finisher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # On an error or a cancel, images not yet started are dropped; running ones end first, so nothing
+        # reaches the sink after the request has ended.
+        self.pool.shutdown(wait=True, cancel_futures=True)
