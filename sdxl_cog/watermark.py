@@ -21,6 +21,8 @@ compare them, and read the mark back with invisible-watermark's own decoder).
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import torch
@@ -103,28 +105,38 @@ def _haar_pair(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor,
     return first + second, first.sub_(second)
 
 
-def _quantize_blocks(approx: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _block_layout(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the (rows, cols) approximation band: each whole 4x4 block's flat index of its top left corner, and
+    the 0.25 + 0.5 * bit its quantization adds (block k carries bit k % 48). Made once per size."""
+    row_blocks, col_blocks = rows // BLOCK, cols // BLOCK
+    block_row = torch.arange(row_blocks, device=device).repeat_interleave(col_blocks)[:, None]
+    block_col = torch.arange(col_blocks, device=device).repeat(row_blocks)[:, None]
+    bits = torch.tensor(WATERMARK_BITS, dtype=torch.float64, device=device)
+    bit = bits[torch.arange(row_blocks * col_blocks, device=device) % len(bits)].unsqueeze(-1)
+    return block_row * BLOCK * cols + block_col * BLOCK, 0.25 + 0.5 * bit
+
+
+def _quantize_blocks(approx: torch.Tensor) -> torch.Tensor:
     """Step 3, in place, on the (N, rows, cols) approximation band; rows and columns past the last whole block
     stay as they are."""
     n, rows, cols = approx.shape
     row_blocks, col_blocks = rows // BLOCK, cols // BLOCK
+    corner, offset = _block_layout(rows, cols, approx.device)
     inner = approx[:, : row_blocks * BLOCK, : col_blocks * BLOCK]
     blocks = inner.reshape(n, row_blocks, BLOCK, col_blocks, BLOCK).transpose(2, 3).reshape(n, -1, BLOCK * BLOCK)
     # argmax returns the first of equal maxima, as numpy's does; position 0 (the block's mean) is never chosen.
     position = blocks[..., 1:].abs().argmax(-1, keepdim=True) + 1
     value = blocks.gather(-1, position)
-    bit = bits[torch.arange(blocks.shape[1], device=bits.device) % len(bits)].unsqueeze(-1)
-    magnitude = (torch.div(value.abs(), SCALE, rounding_mode="floor") + 0.25 + 0.5 * bit) * SCALE
+    magnitude = (torch.div(value.abs(), SCALE, rounding_mode="floor") + offset) * SCALE
     # Written straight into the band: block (i, j), position p is row 4i + p // 4, column 4j + p % 4.
-    block_row = torch.arange(row_blocks, device=approx.device).repeat_interleave(col_blocks)[:, None]
-    block_col = torch.arange(col_blocks, device=approx.device).repeat(row_blocks)[:, None]
-    index = (block_row * BLOCK + position // BLOCK) * cols + block_col * BLOCK + position % BLOCK
+    index = corner + (position // BLOCK) * cols + position % BLOCK
     approx.view(n, -1).scatter_(1, index.view(n, -1), torch.where(value >= 0, magnitude, -magnitude).view(n, -1))
     return approx
 
 
-def _mark_chroma(u: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Steps 2-4 on the (N, H, W) U channel, H and W multiples of 4; returns the new U as int32."""
+def _mark_chroma(u: torch.Tensor) -> None:
+    """Steps 2-4, in place, on the (N, H, W) uint8 U channel, H and W multiples of 4."""
     top_left, top_right, bottom_left, bottom_right = (
         u[:, row::2, col::2].to(torch.float64, memory_format=torch.contiguous_format) for row, col in QUADRANTS
     )
@@ -133,16 +145,16 @@ def _mark_chroma(u: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     row_low_right, row_high_right = _haar_pair(top_right, bottom_right)
     approx, detail_ad = _haar_pair(row_low_left, row_low_right)
     detail_da, detail_dd = _haar_pair(row_high_left, row_high_right)
-    approx = _quantize_blocks(approx, bits)
+    approx = _quantize_blocks(approx)
     # Inverse: along the columns first; the reference hands pywt its 'da' band as 'ad' and vice versa.
     low_left, low_right = _haar_pair(approx, detail_da)
     high_left, high_right = _haar_pair(detail_ad, detail_dd)
-    out = torch.empty(u.shape, dtype=torch.float64, device=u.device)
-    out[:, 0::2, 0::2], out[:, 1::2, 0::2] = _haar_pair(low_left, high_left)
-    out[:, 0::2, 1::2], out[:, 1::2, 1::2] = _haar_pair(low_right, high_right)
+    top_left, bottom_left = _haar_pair(low_left, high_left)
+    top_right, bottom_right = _haar_pair(low_right, high_right)
     # Truncation toward zero, as numpy's float -> uint8 assignment; values stay within 3.5..252.5 (U spans
     # 17..239 and a quantization step moves a pixel by at most 13.5), so nothing wraps or clips.
-    return out.to(torch.int32)
+    for (row, col), quadrant in zip(QUADRANTS, (top_left, top_right, bottom_left, bottom_right)):
+        u[:, row::2, col::2] = quadrant
 
 
 @torch.inference_mode()
@@ -155,9 +167,7 @@ def watermark_images(rgb: torch.Tensor) -> torch.Tensor:
         return rgb
     height, width = (side // DWT_CROP * DWT_CROP for side in rgb.shape[1:3])
     yuv = rgb_to_yuv(rgb)
-    bits = torch.tensor(WATERMARK_BITS, dtype=torch.float64, device=rgb.device)
-    u = yuv[:, :height, :width, 1]
-    u.copy_(_mark_chroma(u, bits))
+    _mark_chroma(yuv[:, :height, :width, 1])
     return yuv_to_rgb(yuv)
 
 
