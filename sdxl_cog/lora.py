@@ -49,7 +49,8 @@ def _check_host(url: str, allow_private: bool) -> None:
             )
 
 
-def _remaining(deadline: float, settings: Settings) -> float:
+def _time_left(deadline: float, settings: Settings) -> float:
+    """Seconds until `deadline`; InputError once it has passed."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise InputError(
@@ -65,7 +66,7 @@ def _download(url: str, dest: Path, settings: Settings) -> None:
     deadline = time.monotonic() + settings.lora_timeout_s
     for _ in range(MAX_REDIRECTS + 1):
         _check_host(url, settings.lora_allow_private_hosts)
-        timeout = min(_remaining(deadline, settings), STALL_TIMEOUT_S)
+        timeout = min(_time_left(deadline, settings), STALL_TIMEOUT_S)
         try:
             response = requests.get(url, stream=True, allow_redirects=False, timeout=timeout)
         except requests.RequestException as e:
@@ -98,7 +99,7 @@ def _write_checked(response: requests.Response, dest: Path, settings: Settings, 
                 if written > max_bytes:
                     raise too_big
                 f.write(chunk)
-                _remaining(deadline, settings)
+                _time_left(deadline, settings)  # for its InputError once the deadline has passed
         if declared >= 0 and written != declared and not response.headers.get("Content-Encoding"):
             raise InputError(
                 f"lora_weights download ended after {written} of its {declared} bytes; nothing was cached."
@@ -162,11 +163,11 @@ class LoraAdapters:
         self.pipeline, self.settings = pipeline, settings
         self.loaded: str | None = None
 
-    def activate(self, source: str | None, scale: float) -> str | None:
-        """Make `source` the only active LoRA at `scale` (or none); returns the adapter name."""
+    def activate(self, source: str | None, scale: float) -> None:
+        """Make `source` the only active LoRA at `scale` (or none)."""
         if source is None:
             self.deactivate()
-            return None
+            return
         path = fetch(source, self.settings)
         name = (
             "lora_"
@@ -176,7 +177,6 @@ class LoraAdapters:
             self._replace(path, name)
         self.pipeline.enable_lora()
         self.pipeline.set_adapters([name], adapter_weights=[scale])
-        return name
 
     def deactivate(self) -> None:
         if self.loaded is not None:
