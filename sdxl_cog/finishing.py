@@ -14,7 +14,7 @@ exactly what checking before marking would give.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
@@ -28,16 +28,17 @@ if TYPE_CHECKING:
     from .generate import ImageSink, Run
 
 # One for the safety check of image i, one for its watermark and hand-over: jobs are taken in the order
-# they were submitted, so a hand-over only ever waits for a check that is already running.
-WORKERS = 2
+# they were submitted, so a hand-over only ever waits for a check that is already running. The threads live
+# as long as the process (started by the first request): none is started on a request's critical path.
+WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="finish")
 
 
 class Finisher:
     def __init__(self, run: Run, checker: SafetyChecker | None, watermark: bool, sink: ImageSink | None):
         self.run, self.checker, self.watermark, self.sink = run, checker, watermark, sink
         self.stream = torch.cuda.Stream(run.device) if run.device.startswith("cuda") else None
-        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="finish")
         self.handovers: list[Future] = []
+        self.jobs: list[Future] = []
 
     def submit(self, index: int, pixels: torch.Tensor) -> None:
         """Queue a decoded (1, H, W, 3) uint8 image, on the generation device, for finishing."""
@@ -48,8 +49,9 @@ class Finisher:
         if self.stream is not None:
             decoded = torch.cuda.Event()
             decoded.record()
-        flag = self.pool.submit(self._check, pixels, decoded) if self.checker is not None else None
-        self.handovers.append(self.pool.submit(self._finish, index, pixels, decoded, flag))
+        flag = WORKERS.submit(self._check, pixels, decoded) if self.checker is not None else None
+        self.handovers.append(WORKERS.submit(self._finish, index, pixels, decoded, flag))
+        self.jobs += [job for job in (flag, self.handovers[-1]) if job is not None]
 
     def results(self) -> tuple[list[np.ndarray], list[bool]]:
         """The finished host images and their safety flags, in order, once every one is handed over."""
@@ -92,6 +94,9 @@ class Finisher:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        # On an error or a cancel, images not yet started are dropped; running ones end first, so nothing
-        # reaches the sink after the request has ended.
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        # On an error or a cancel, images not yet started are dropped (a check is never dropped once its
+        # hand-over runs: it was taken first); running ones end first, so nothing reaches the sink after the
+        # request has ended.
+        for job in self.jobs:
+            job.cancel()
+        wait(self.jobs)
