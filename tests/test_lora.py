@@ -11,26 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl_cog.errors import InputError
-from tests.conftest import DEFAULT_OPTIONS, make_request, pixels
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-LORA_RANK = 4
-
-
-def _lora_state_dict(weights_dir: Path) -> dict[str, torch.Tensor]:
-    """PEFT-format LoRA weights for the tiny UNet, random so that they visibly change the output."""
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "base" / "unet", variant="fp16", dtype=torch.float32)
-    torch.manual_seed(0)
-    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=LORA_TARGETS)
-    unet.add_adapter(config)
-    return {k: v.contiguous() * 4 for k, v in get_peft_model_state_dict(unet).items()}
+from tests.conftest import DEFAULT_OPTIONS, LORA_RANK, lora_state_dict, make_request, pixels
 
 
 def _to_kohya(peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,7 +30,7 @@ def _to_kohya(peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def lora_files(tiny_weights, settings) -> dict[str, Path]:
-    peft = _lora_state_dict(tiny_weights)
+    peft = lora_state_dict(tiny_weights)
     directory = settings.lora_local_dirs[0]
     directory.mkdir(parents=True, exist_ok=True)
     files = {"peft": directory / "peft.safetensors", "kohya": directory / "kohya.safetensors"}

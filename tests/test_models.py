@@ -21,10 +21,7 @@ from sdxl_cog.placement import module_bytes
 from sdxl_cog.service import SDXLService
 from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model
 from sdxl_cog.weights.layout import read_manifest, verify
-from tests.conftest import DEFAULT_OPTIONS, max_diff
-from tests.test_generation import run
-from tests.test_lora import _lora_state_dict
-from tests.test_placement import FakeGpuPlacement
+from tests.conftest import DEFAULT_OPTIONS, FakeGpuPlacement, lora_state_dict, max_diff, run
 
 A, B, C, TURBO = "sdxl-base", "anime", "photo", "turbo"
 
@@ -104,7 +101,7 @@ def test_no_state_leaks_between_models(multi, multi_weights, tmp_path):
     a = _image(multi, A)
     lora = multi.settings.lora_local_dirs[0] / "models-test.safetensors"
     lora.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"unet.{k}": v for k, v in _lora_state_dict(multi_weights).items()}, lora)
+    save_file({f"unet.{k}": v for k, v in lora_state_dict(multi_weights).items()}, lora)
     watermarked = dataclasses.replace(DEFAULT_OPTIONS, apply_watermark=True)
     b_plain = _image(multi, B)
     b_changed = run(

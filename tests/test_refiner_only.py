@@ -8,13 +8,12 @@ from PIL import Image
 
 from sdxl_cog.errors import InputError
 from sdxl_cog.outputs import read_parameters
-from tests.conftest import make_request, max_diff, pixels
-from tests.test_generation import _half_mask, _source_image, count_unet_calls, run
+from tests.conftest import count_unet_calls, half_mask, make_request, max_diff, pixels, run, source_image
 
 
 @pytest.mark.parametrize("refine_steps,strength", [(2, 0.3), (3, 0.5), (5, 0.9)])
 def test_only_the_refiner_runs_exactly_refine_steps(service, tmp_path, refine_steps, strength):
-    source = _source_image(tmp_path, (256, 256))
+    source = source_image(tmp_path, (256, 256))
     with count_unet_calls(service) as calls:
         result = run(service, image=source, refine="refiner_only", refine_steps=refine_steps, refine_strength=strength)
     # One UNet call per step: the request's guidance runs both CFG halves in one batch.
@@ -26,7 +25,7 @@ def test_only_the_refiner_runs_exactly_refine_steps(service, tmp_path, refine_st
 
 def test_the_default_step_count_is_num_inference_steps_times_refine_strength(service, tmp_path):
     with count_unet_calls(service) as calls:
-        run(service, image=_source_image(tmp_path), refine="refiner_only", num_inference_steps=10, refine_strength=0.4)
+        run(service, image=source_image(tmp_path), refine="refiner_only", num_inference_steps=10, refine_strength=0.4)
     assert calls == {"base": 0, "refiner": 4}
 
 
@@ -43,7 +42,7 @@ def test_the_result_comes_from_the_given_image(service, tmp_path):
 
 
 def test_prompt_strength_plays_no_part(service, tmp_path):
-    source = _source_image(tmp_path, (256, 256))
+    source = source_image(tmp_path, (256, 256))
     # prompt_strength=0 would be refused for img2img; the refiner has its own strength.
     zero = run(service, image=source, refine="refiner_only", refine_steps=2, prompt_strength=0.0).images[0]
     high = run(service, image=source, refine="refiner_only", refine_steps=2, prompt_strength=0.9).images[0]
@@ -51,8 +50,8 @@ def test_prompt_strength_plays_no_part(service, tmp_path):
 
 
 def test_a_mask_keeps_the_black_region_exactly(service, tmp_path):
-    source = _source_image(tmp_path, (256, 256))
-    mask = _half_mask(tmp_path, (256, 256))
+    source = source_image(tmp_path, (256, 256))
+    mask = half_mask(tmp_path, (256, 256))
     with count_unet_calls(service) as calls:
         result = run(service, image=source, mask=mask, width=None, height=None, refine="refiner_only", refine_steps=3)
     assert calls == {"base": 0, "refiner": 3}
@@ -62,7 +61,7 @@ def test_a_mask_keeps_the_black_region_exactly(service, tmp_path):
 
 
 def test_embedded_parameters_name_the_refiner_steps_and_strength(service, tmp_path):
-    result = run(service, image=_source_image(tmp_path), refine="refiner_only", refine_steps=3, refine_strength=0.5)
+    result = run(service, image=source_image(tmp_path), refine="refiner_only", refine_steps=3, refine_strength=0.5)
     text = read_parameters(result.paths[0])
     for field in ("Steps: 3,", "Denoising strength: 0.5", "Refiner: refiner_only", "Refiner steps: 3"):
         assert field in text, field
@@ -75,4 +74,4 @@ def test_without_an_image_it_is_refused_naming_the_fix():
 
 def test_a_lora_is_refused_not_silently_ignored(service, tmp_path):
     with pytest.raises(InputError, match="refiner_only does not run"):
-        run(service, image=_source_image(tmp_path), refine="refiner_only", lora="some/lora.safetensors")
+        run(service, image=source_image(tmp_path), refine="refiner_only", lora="some/lora.safetensors")
