@@ -25,9 +25,10 @@ from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, count_unet_calls, half_ma
 
 
 def test_outputs_have_requested_size_and_count(service):
-    result = run(service, width=320, height=256, num_outputs=3)
+    # Not square: a swapped or ignored side shows.
+    result = run(service, width=192, height=128, num_outputs=3)
     assert len(result.paths) == 3
-    assert all(image.size == (320, 256) for image in result.images)
+    assert all(image.size == (192, 128) for image in result.images)
     assert len({p.name for p in result.paths}) == 3
 
 
@@ -163,13 +164,15 @@ def test_metrics_time_every_phase(service):
 
 
 def test_img2img_follows_the_image_size_when_unset(service, tmp_path):
-    result = run(service, image=source_image(tmp_path, (300, 200)), width=None, height=None)
-    assert result.images[0].size == (296, 200)
+    # A width that is no multiple of 8 is rounded down to one.
+    result = run(service, image=source_image(tmp_path, (196, 128)), width=None, height=None)
+    assert result.images[0].size == (192, 128)
 
 
 def test_img2img_honours_width_and_height(service, tmp_path):
-    result = run(service, image=source_image(tmp_path), width=256, height=384)
-    assert result.images[0].size == (256, 384)
+    # A portrait size from a landscape image (300x200).
+    result = run(service, image=source_image(tmp_path), width=128, height=192)
+    assert result.images[0].size == (128, 192)
 
 
 def test_prompt_strength_changes_img2img(service, tmp_path):
@@ -181,18 +184,20 @@ def test_prompt_strength_changes_img2img(service, tmp_path):
 
 @pytest.mark.parametrize("refine", ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"])
 def test_inpaint_keeps_black_region_exactly_and_repaints_white(service, tmp_path, refine):
-    source = source_image(tmp_path, (256, 256))
-    result = run(service, image=source, mask=half_mask(tmp_path, (256, 256)), width=None, height=None, refine=refine)
+    size, half = (TEST_SIDE, TEST_SIDE), TEST_SIDE // 2
+    source = source_image(tmp_path, size)
+    result = run(service, image=source, mask=half_mask(tmp_path, size), width=None, height=None, refine=refine)
     out, original = pixels(result.images[0]), pixels(source)
-    assert np.array_equal(out[:, :128], original[:, :128])
-    assert np.abs(out[:, 128:] - original[:, 128:]).mean() > 5
+    assert np.array_equal(out[:, :half], original[:, :half])
+    assert np.abs(out[:, half:] - original[:, half:]).mean() > 5
 
 
 def test_inpaint_mask_of_another_size_is_fitted_to_the_image(service, tmp_path):
-    source = source_image(tmp_path, (256, 256))
-    mask = half_mask(tmp_path, (64, 64), "small-mask.png")
+    source = source_image(tmp_path, (TEST_SIDE, TEST_SIDE))
+    mask = half_mask(tmp_path, (TEST_SIDE // 4, TEST_SIDE // 4), "small-mask.png")
     out = pixels(run(service, image=source, mask=mask, width=None, height=None).images[0])
-    assert np.array_equal(out[:, :128], pixels(source)[:, :128])
+    half = TEST_SIDE // 2
+    assert np.array_equal(out[:, :half], pixels(source)[:, :half])
 
 
 def test_outputs_older_than_the_kept_predictions_are_removed(service, monkeypatch):
@@ -208,7 +213,8 @@ def test_output_formats_and_embedded_parameters(service):
         assert path.suffix == f".{fmt}" and Image.open(path).format == mime
         text = read_parameters(path)
         assert text.startswith("a lighthouse\nNegative prompt: fog\n")
-        for field in ("Steps: 4", "Sampler: Euler", "CFG scale: 7.5", "Seed: 77", "Size: 256x256", "Model: "):
+        size = f"Size: {TEST_SIDE}x{TEST_SIDE}"
+        for field in ("Steps: 4", "Sampler: Euler", "CFG scale: 7.5", "Seed: 77", size, "Model: "):
             assert field in text, (fmt, field)
 
 

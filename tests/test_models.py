@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from sdxl_cog import placement as placement_module
 from sdxl_cog.catalog import checkpoints
+from sdxl_cog.config import WATERMARK_MIN_SIDE
 from sdxl_cog.errors import InputError
 from sdxl_cog.models import CheckpointCache
 from sdxl_cog.outputs import read_parameters
@@ -21,7 +22,7 @@ from sdxl_cog.placement import module_bytes
 from sdxl_cog.service import SDXLService
 from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model
 from sdxl_cog.weights.layout import read_manifest, verify
-from tests.conftest import DEFAULT_OPTIONS, FakeGpuPlacement, lora_state_dict, max_diff, run
+from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, FakeGpuPlacement, lora_state_dict, max_diff, run
 
 A, B, C, TURBO = "sdxl-base", "anime", "photo", "turbo"
 
@@ -98,18 +99,28 @@ def test_each_request_gets_its_models_image_as_if_run_alone(settings, multi_weig
 
 
 def test_no_state_leaks_between_models(multi, multi_weights, tmp_path):
-    a = _image(multi, A)
+    # Large enough for the watermark, which smaller images never get: a watermark left on would show.
+    size = dict(width=WATERMARK_MIN_SIDE, height=WATERMARK_MIN_SIDE)
+    a = _image(multi, A, **size)
     lora = multi.settings.lora_local_dirs[0] / "models-test.safetensors"
     lora.parent.mkdir(parents=True, exist_ok=True)
     save_file({f"unet.{k}": v for k, v in lora_state_dict(multi_weights).items()}, lora)
     watermarked = dataclasses.replace(DEFAULT_OPTIONS, apply_watermark=True)
-    b_plain = _image(multi, B)
+    b_plain = _image(multi, B, **size)
     b_changed = run(
-        multi, watermarked, lora=str(lora), lora_scale=1.0, model=B, num_inference_steps=2, seed=5, scheduler="DDIM"
+        multi,
+        watermarked,
+        lora=str(lora),
+        lora_scale=1.0,
+        model=B,
+        num_inference_steps=2,
+        seed=5,
+        scheduler="DDIM",
+        **size,
     ).images[0]
     assert max_diff(b_plain, b_changed) > 0
-    assert max_diff(_image(multi, A), a) == 0
-    assert max_diff(_image(multi, B), b_plain) == 0
+    assert max_diff(_image(multi, A, **size), a) == 0
+    assert max_diff(_image(multi, B, **size), b_plain) == 0
 
 
 def test_metrics_and_embedded_parameters_name_the_model(multi):
@@ -212,8 +223,8 @@ def test_given_inputs_override_the_profile_and_other_models_keep_their_own(multi
             profile=multi.profile(TURBO),
             num_inference_steps=3,
             guidance_scale=2.0,
-            width=256,
-            height=256,
+            width=TEST_SIDE,
+            height=TEST_SIDE,
         )
     assert batches == [2, 2, 2] and not [k for k in result.metrics if k.startswith("model_defaults.")]
     capsys.readouterr()

@@ -20,7 +20,16 @@ from sdxl_cog.placement import (
     stage_peak_bytes,
 )
 from sdxl_cog.service import SDXLService
-from tests.conftest import DEFAULT_OPTIONS, FakeGpuPlacement, half_mask, make_request, max_diff, run, source_image
+from tests.conftest import (
+    DEFAULT_OPTIONS,
+    TEST_SIDE,
+    FakeGpuPlacement,
+    half_mask,
+    make_request,
+    max_diff,
+    run,
+    source_image,
+)
 
 # SDXL 1.0 in fp16, bytes per placed module.
 SDXL_FP16 = {
@@ -215,7 +224,8 @@ def test_low_vram_mode_runs_each_module_only_in_its_stage_with_the_same_images(s
 
 
 def test_low_vram_inpainting_encodes_with_the_vae_in_the_denoising_stages(service, staged_service, tracker, tmp_path):
-    source, mask = source_image(tmp_path, (256, 256)), half_mask(tmp_path, (256, 256))
+    square = (TEST_SIDE, TEST_SIDE)
+    source, mask = source_image(tmp_path, square), half_mask(tmp_path, square)
     request = dict(image=source, mask=mask, width=None, height=None, refine="base_image_refiner", refine_steps=2)
     staged = run(staged_service, seed=4, **request).images[0]
     assert tracker.stages == STAGES_WITH_SAFETY_CHECK and not tracker.misplaced
