@@ -28,10 +28,10 @@ DTYPE = torch.float32
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic-weights")
-    synthetic.make_weights(root, size="tiny", seed=0)
-    return root
+def weights(tiny_weights):
+    """The session's tiny weights (conftest: synthetic.make_weights(size="tiny", seed=0)), which no test alters;
+    the checks below would see it if one did."""
+    return tiny_weights
 
 
 @pytest.fixture(scope="module")
