@@ -87,12 +87,18 @@ def test_identical_components_are_loaded_once(multi):
     assert parts[A]["vae"] is parts[B]["vae"] is parts[C]["vae"]
 
 
-def test_each_request_gets_its_models_image_as_if_run_alone(settings, multi_weights, multi):
-    alone = {}
+@pytest.fixture(scope="module")
+def alone(settings, multi_weights) -> dict:
+    """Each checkpoint's image from a fresh server that has run nothing else."""
+    images = {}
     for name in (A, B, C):
         fresh = _service(settings, multi_weights)
-        alone[name] = _image(fresh, name)
+        images[name] = _image(fresh, name)
         del fresh
+    return images
+
+
+def test_each_request_gets_its_models_image_as_if_run_alone(multi, alone):
     assert max_diff(alone[A], alone[B]) > 0 and max_diff(alone[A], alone[C]) > 0 and max_diff(alone[B], alone[C]) > 0
     for name in (A, B, A, C, A):
         assert max_diff(_image(multi, name), alone[name]) == 0, name
@@ -138,19 +144,18 @@ def test_an_unknown_model_is_refused_listing_the_models_there_are(multi):
         run(multi, model="nope")
 
 
-def test_a_small_budget_evicts_the_least_recently_used_and_reloads_identically(settings, multi_weights, multi):
+def test_a_small_budget_evicts_the_least_recently_used_and_reloads_identically(settings, multi_weights, multi, alone):
     models = multi.models.registry.models
     # Room for one checkpoint's own modules at a time (C's are the largest: UNet and both text encoders).
     one = sum(module_bytes(models[C].components[c]) for c in ("text_encoder", "text_encoder_2", "unet"))
     small = _service(settings, multi_weights, model_memory_bytes=one)
     cache = small.models.registry.cache
     assert list(cache.resident) == [A]
-    expected = {name: _image(multi, name) for name in (A, B, C)}
     for name, loads in ((A, False), (B, True), (B, False), (A, True), (C, True), (A, True)):
         result = run(small, model=name, num_inference_steps=2, seed=5)
         assert ("model_load_time" in result.metrics) is loads, name
         assert list(cache.resident) == [name]
-        assert max_diff(result.images[0], expected[name]) == 0, name
+        assert max_diff(result.images[0], alone[name]) == 0, name
 
 
 def test_low_vram_mode_runs_every_models_modules_only_on_the_device(settings, multi_weights, multi):
