@@ -26,7 +26,7 @@ from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, count_unet_calls, half_ma
 
 def test_outputs_have_requested_size_and_count(service):
     # Not square: a swapped or ignored side shows.
-    result = run(service, width=192, height=128, num_outputs=3)
+    result = run(service, width=192, height=128, num_outputs=3, num_inference_steps=1)
     assert len(result.paths) == 3
     assert all(image.size == (192, 128) for image in result.images)
     assert len({p.name for p in result.paths}) == 3
@@ -54,7 +54,7 @@ def test_no_seed_means_random_32_bit_seeds(service):
 
 
 def test_seeds_are_logged_and_embedded(service, capsys):
-    result = run(service, seed=42, num_outputs=2)
+    result = run(service, seed=42, num_outputs=2, num_inference_steps=1)
     assert "Seeds: [42, 43]" in capsys.readouterr().out
     assert "Seed: 43," in result.images[1].info["parameters"]
 
@@ -202,7 +202,7 @@ def test_inpaint_mask_of_another_size_is_fitted_to_the_image(service, tmp_path):
 
 def test_outputs_older_than_the_kept_predictions_are_removed(service, monkeypatch):
     monkeypatch.setattr(service, "outputs", OutputDirectory(service.settings.output_dir, keep=2))
-    paths = [run(service).paths[0] for _ in range(3)]
+    paths = [run(service, num_inference_steps=1).paths[0] for _ in range(3)]
     assert [p.exists() for p in paths] == [False, True, True]
 
 
