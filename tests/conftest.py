@@ -1,24 +1,38 @@
-"""Shared fixtures: tiny synthetic SDXL weights made once per session, and one loaded engine on them."""
+"""Shared fixtures: tiny synthetic SDXL weights made once per session, and one loaded engine on them; and
+the helpers engine tests share (requests, predictions, source images and masks, a LoRA for the tiny UNet,
+low-VRAM mode on the CPU). Test modules import these from here (`from tests.conftest import run`), never
+from one another; helpers for the server and deploy tiers are in tests/helpers/."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from sdxl_cog.config import Settings
+from sdxl_cog.config import MIN_SIDE, Settings
+from sdxl_cog.placement import StagedPlacement
 from sdxl_cog.request import build_request
 from sdxl_cog.service import OutputOptions, SDXLService
 from sdxl_cog.testing.synthetic import make_weights
 
+# The helpers' asserts report their operands, as a test module's do.
+pytest.register_assert_rewrite("tests.helpers")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Small enough for a 2-core CI machine, large enough for the watermark (256 px minimum).
-TEST_SIDE = 256
+# The smallest size a request may ask for (16x16 latents): every feature but the watermark runs at it. Tests
+# of the watermark ask for config.WATERMARK_MIN_SIDE (256) themselves: below it the watermark is skipped.
+TEST_SIDE = MIN_SIDE
 TEST_STEPS = 4
 
 REQUEST_DEFAULTS = dict(
@@ -54,6 +68,93 @@ def pixels(path_or_image) -> np.ndarray:
 
 def max_diff(a, b) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+@dataclasses.dataclass
+class Outcome:
+    paths: list
+    images: list  # loaded at once: the next prediction deletes these files
+    metrics: dict
+
+
+def run(service, options=DEFAULT_OPTIONS, lora=None, lora_scale=0.6, **overrides) -> Outcome:
+    """One prediction of `service` on make_request(**overrides), its images loaded."""
+    prediction = service.predict(make_request(**overrides), options, lora, lora_scale)
+    loaded = [Image.open(p) for p in prediction.paths]
+    for image in loaded:
+        image.load()
+    return Outcome(prediction.paths, loaded, prediction.metrics)
+
+
+@contextmanager
+def count_unet_calls(service):
+    """The calls of the base's and the refiner's UNets while the block runs."""
+    counts = {"base": 0, "refiner": 0}
+    hooks = []
+    for name in counts:
+        unet = getattr(service.models, name).components["unet"]
+
+        def hook(module, args, output, name=name):
+            counts[name] += 1
+
+        hooks.append(unet.register_forward_hook(hook))
+    try:
+        yield counts
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def source_image(tmp_path, size=(300, 200)) -> Path:
+    """A PNG of seeded noise, `size` = (width, height)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "source.png"
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def half_mask(tmp_path, size, name="mask.png") -> Path:
+    """A mask that keeps the left half (black) and repaints the right half (white)."""
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    mask[:, size[0] // 2 :] = 255
+    path = tmp_path / name
+    Image.fromarray(mask).save(path)
+    return path
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_RANK = 4
+
+
+def lora_state_dict(weights_dir: Path) -> dict[str, torch.Tensor]:
+    """PEFT-format LoRA weights for the tiny UNet, random so that they visibly change the output."""
+    unet = UNet2DConditionModel.from_pretrained(weights_dir / "base" / "unet", variant="fp16", dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=LORA_TARGETS)
+    unet.add_adapter(config)
+    return {k: v.contiguous() * 4 for k, v in get_peft_model_state_dict(unet).items()}
+
+
+class FakeGpuPlacement(StagedPlacement):
+    """Low-VRAM mode on the CPU: a copy "to the device" is a clone whose storage is remembered, so that
+    whether a tensor is on the fake device is seen from the tensor itself, not from the bookkeeping."""
+
+    def __init__(self, device, modules):
+        self.device_storages: set[int] = set()
+        super().__init__(device, modules)
+
+    def _copy_to_device(self, host):
+        copy = host.clone()
+        self.device_storages.add(copy.data_ptr())
+        return copy
+
+    def _evict(self, module):
+        self.device_storages -= {t.data_ptr() for t in chain(module.parameters(), module.buffers())}
+        super()._evict(module)
+
+    def holds(self, module: torch.nn.Module, recurse: bool = True) -> bool:
+        tensors = chain(module.parameters(recurse=recurse), module.buffers(recurse=recurse))
+        return all(t.data_ptr() in self.device_storages for t in tensors)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,7 @@
 issue asks of them (one GPU, /dev/shm, probes, concurrency 1, autoscaling on in-flight requests),
 and their probe commands give the right answer in each state of a real Cog server."""
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -14,57 +10,30 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import requests
-import yaml
-from kserve_schema import inference_service_schema
 
-from sdxl_cog.testing.cog_server import CogServer, free_port
+from sdxl_cog.testing.cog_server import REPO_ROOT, CogServer, free_port
+from tests.helpers.deploy import (
+    FIXTURES,
+    IMAGE_ROOT,
+    K8S_VERSIONS,
+    by_kind,
+    documents,
+    drain_command,
+    model_container,
+    pod_specs,
+    probe,
+    run_probe,
+)
+from tests.helpers.kserve_schema import inference_service_schema
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = REPO_ROOT / "deploy"
-FIXTURES = REPO_ROOT / "tests" / "fixtures" / "probe_predictors.py"
-# The oldest Kubernetes still commonly run and the newest kubernetes-validate knows.
-K8S_VERSIONS = ("1.30", "1.37")
-IMAGE_ROOT = "/src/"  # where the image holds the repository (WORKDIR of the Dockerfile and of `cog build`)
 SHM_BYTES = 6 * 2**30
 PROBE_KINDS = ("startupProbe", "readinessProbe", "livenessProbe")
 SERVER_START_S = 60
 
 
-def load_probe_module():
-    spec = importlib.util.spec_from_file_location("deploy_probe", DEPLOY / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-probe = load_probe_module()
-
-
-def model_container(spec: dict) -> dict:
-    """The model's container; the gateway runs beside it (tests/test_gateway_deploy.py)."""
-    (container,) = [c for c in spec["containers"] if c["name"] != "gateway"]
-    return container
-
-
 def parse_gib(quantity: str) -> int:
     assert quantity.endswith("Gi"), quantity
     return int(quantity[:-2]) * 2**30
-
-
-def documents(name: str) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all((DEPLOY / name).read_text()) if doc]
-
-
-def by_kind(name: str) -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in documents(name)}
-
-
-def pod_specs() -> dict[str, dict]:
-    """The pod spec of each manifest: the Deployment's template, the InferenceService's predictor."""
-    return {
-        "kubernetes": by_kind("kubernetes.yaml")["Deployment"]["spec"]["template"]["spec"],
-        "kserve": by_kind("kserve.yaml")["InferenceService"]["spec"]["predictor"],
-    }
 
 
 # -- offline schema validation ---------------------------------------------------------------------
@@ -185,14 +154,6 @@ def dockerfile_healthcheck() -> list[str]:
     return json.loads(line.split(" CMD ", 1)[1])
 
 
-def run_probe(command: list[str], port: int) -> tuple[int, str]:
-    """Run an image's probe command here: its python is ours, its /src/ is this checkout."""
-    assert command[0] == "python" and command[1].startswith(IMAGE_ROOT)
-    local = [sys.executable, str(REPO_ROOT / command[1].removeprefix(IMAGE_ROOT)), *command[2:]]
-    done = subprocess.run(local, env={**os.environ, "PORT": str(port)}, capture_output=True, text=True, timeout=30)
-    return done.returncode, done.stdout + done.stderr
-
-
 def assert_probes(port: int, passing: set[str]) -> dict[str, str]:
     outputs = {}
     for name, command in manifest_probe_commands().items():
@@ -250,9 +211,3 @@ def test_probes_fail_when_nothing_answers():
     for command in manifest_probe_commands().values():
         code, output = run_probe(command, port)
         assert code == 1 and "no health answer" in output
-
-
-def drain_command() -> list[str]:
-    deployment = by_kind("kubernetes.yaml")["Deployment"]
-    container = model_container(deployment["spec"]["template"]["spec"])
-    return container["lifecycle"]["preStop"]["exec"]["command"]

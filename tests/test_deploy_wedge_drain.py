@@ -15,9 +15,9 @@ import requests
 
 from sdxl_cog.config import Settings
 from sdxl_cog.testing.cog_server import CogServer, free_port
-from tests.conftest import DEFAULT_OPTIONS, make_request
-from tests.test_deploy import FIXTURES, REPO_ROOT, by_kind, documents, drain_command, model_container, probe, run_probe
-from tests.test_reliability_server import Webhooks
+from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, make_request
+from tests.helpers.deploy import FIXTURES, by_kind, documents, drain_command, model_container, probe, run_probe
+from tests.helpers.server import Webhooks
 
 SERVER_START_S = 60
 # Short enough for a test; deploy/probe.py's default is an hour (see its derivation there).

@@ -16,7 +16,7 @@ from sdxl_cog.service import SDXLService
 from sdxl_cog.testing.cog_server import CogServer
 from sdxl_cog.testing.synthetic import make_weights
 from sdxl_cog.weights.layout import WeightsError, read_manifest
-from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, make_request, pixels
+from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, TEST_SIDE, make_request, pixels
 
 UNET_FILE = "base/unet/diffusion_pytorch_model.fp16.safetensors"
 
@@ -34,7 +34,9 @@ def test_out_of_memory_fails_the_request_clearly_and_the_next_one_succeeds(servi
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(unet, "forward", exhausted)
-    with pytest.raises(InputError, match=r"Out of GPU memory generating 2 image\(s\) at 256x256: lower num_outputs"):
+    with pytest.raises(
+        InputError, match=rf"Out of GPU memory generating 2 image\(s\) at {TEST_SIDE}x{TEST_SIDE}: lower num_outputs"
+    ):
         generate(service, num_outputs=2)
     monkeypatch.undo()
     assert np.array_equal(generate(service), reference)

@@ -11,10 +11,10 @@ import kubernetes_validate
 import pytest
 import requests
 import yaml
-from test_deploy import K8S_VERSIONS, by_kind, documents, model_container, pod_specs
 
 from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer
 from sdxl_cog.testing.gateway import Gateway, nginx_available, nobody_readable_dir
+from tests.helpers.deploy import K8S_VERSIONS, by_kind, documents, model_container, pod_specs
 
 GATEWAY = REPO_ROOT / "gateway"
 # The nginx configuration and the njs modules it imports.

@@ -4,7 +4,6 @@ counts, schedulers without leaks, outputs and their metadata."""
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -22,46 +21,14 @@ from PIL import Image
 from sdxl_cog.outputs import OutputDirectory, read_parameters
 from sdxl_cog.pipelines import Model
 from sdxl_cog.schedulers import SCHEDULERS
-from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, make_request, max_diff, pixels
-
-
-@dataclasses.dataclass
-class Outcome:
-    paths: list
-    images: list  # loaded at once: the next prediction deletes these files
-    metrics: dict
-
-
-def run(service, options=DEFAULT_OPTIONS, lora=None, lora_scale=0.6, **overrides) -> Outcome:
-    prediction = service.predict(make_request(**overrides), options, lora, lora_scale)
-    loaded = [Image.open(p) for p in prediction.paths]
-    for image in loaded:
-        image.load()
-    return Outcome(prediction.paths, loaded, prediction.metrics)
-
-
-@contextmanager
-def count_unet_calls(service):
-    counts = {"base": 0, "refiner": 0}
-    hooks = []
-    for name in counts:
-        unet = getattr(service.models, name).components["unet"]
-
-        def hook(module, args, output, name=name):
-            counts[name] += 1
-
-        hooks.append(unet.register_forward_hook(hook))
-    try:
-        yield counts
-    finally:
-        for h in hooks:
-            h.remove()
+from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, count_unet_calls, half_mask, max_diff, pixels, run, source_image
 
 
 def test_outputs_have_requested_size_and_count(service):
-    result = run(service, width=320, height=256, num_outputs=3)
+    # Not square: a swapped or ignored side shows.
+    result = run(service, width=192, height=128, num_outputs=3, num_inference_steps=1)
     assert len(result.paths) == 3
-    assert all(image.size == (320, 256) for image in result.images)
+    assert all(image.size == (192, 128) for image in result.images)
     assert len({p.name for p in result.paths}) == 3
 
 
@@ -87,7 +54,7 @@ def test_no_seed_means_random_32_bit_seeds(service):
 
 
 def test_seeds_are_logged_and_embedded(service, capsys):
-    result = run(service, seed=42, num_outputs=2)
+    result = run(service, seed=42, num_outputs=2, num_inference_steps=1)
     assert "Seeds: [42, 43]" in capsys.readouterr().out
     assert "Seed: 43," in result.images[1].info["parameters"]
 
@@ -196,57 +163,46 @@ def test_metrics_time_every_phase(service):
     assert metrics["nsfw_flagged"] == [False]
 
 
-def _source_image(tmp_path, size=(300, 200)):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "source.png"
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def test_img2img_follows_the_image_size_when_unset(service, tmp_path):
-    result = run(service, image=_source_image(tmp_path, (300, 200)), width=None, height=None)
-    assert result.images[0].size == (296, 200)
+    # A width that is no multiple of 8 is rounded down to one.
+    result = run(service, image=source_image(tmp_path, (196, 128)), width=None, height=None)
+    assert result.images[0].size == (192, 128)
 
 
 def test_img2img_honours_width_and_height(service, tmp_path):
-    result = run(service, image=_source_image(tmp_path), width=256, height=384)
-    assert result.images[0].size == (256, 384)
+    # A portrait size from a landscape image (300x200).
+    result = run(service, image=source_image(tmp_path), width=128, height=192)
+    assert result.images[0].size == (128, 192)
 
 
 def test_prompt_strength_changes_img2img(service, tmp_path):
-    source = _source_image(tmp_path)
+    source = source_image(tmp_path)
     weak = run(service, image=source, prompt_strength=0.3).images[0]
     strong = run(service, image=source, prompt_strength=0.9).images[0]
     assert max_diff(weak, strong) > 0
 
 
-def _half_mask(tmp_path, size, name="mask.png"):
-    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
-    mask[:, size[0] // 2 :] = 255  # repaint the right half
-    path = tmp_path / name
-    Image.fromarray(mask).save(path)
-    return path
-
-
 @pytest.mark.parametrize("refine", ["no_refiner", "expert_ensemble_refiner", "base_image_refiner"])
 def test_inpaint_keeps_black_region_exactly_and_repaints_white(service, tmp_path, refine):
-    source = _source_image(tmp_path, (256, 256))
-    result = run(service, image=source, mask=_half_mask(tmp_path, (256, 256)), width=None, height=None, refine=refine)
+    size, half = (TEST_SIDE, TEST_SIDE), TEST_SIDE // 2
+    source = source_image(tmp_path, size)
+    result = run(service, image=source, mask=half_mask(tmp_path, size), width=None, height=None, refine=refine)
     out, original = pixels(result.images[0]), pixels(source)
-    assert np.array_equal(out[:, :128], original[:, :128])
-    assert np.abs(out[:, 128:] - original[:, 128:]).mean() > 5
+    assert np.array_equal(out[:, :half], original[:, :half])
+    assert np.abs(out[:, half:] - original[:, half:]).mean() > 5
 
 
 def test_inpaint_mask_of_another_size_is_fitted_to_the_image(service, tmp_path):
-    source = _source_image(tmp_path, (256, 256))
-    mask = _half_mask(tmp_path, (64, 64), "small-mask.png")
+    source = source_image(tmp_path, (TEST_SIDE, TEST_SIDE))
+    mask = half_mask(tmp_path, (TEST_SIDE // 4, TEST_SIDE // 4), "small-mask.png")
     out = pixels(run(service, image=source, mask=mask, width=None, height=None).images[0])
-    assert np.array_equal(out[:, :128], pixels(source)[:, :128])
+    half = TEST_SIDE // 2
+    assert np.array_equal(out[:, :half], pixels(source)[:, :half])
 
 
 def test_outputs_older_than_the_kept_predictions_are_removed(service, monkeypatch):
     monkeypatch.setattr(service, "outputs", OutputDirectory(service.settings.output_dir, keep=2))
-    paths = [run(service).paths[0] for _ in range(3)]
+    paths = [run(service, num_inference_steps=1).paths[0] for _ in range(3)]
     assert [p.exists() for p in paths] == [False, True, True]
 
 
@@ -257,7 +213,8 @@ def test_output_formats_and_embedded_parameters(service):
         assert path.suffix == f".{fmt}" and Image.open(path).format == mime
         text = read_parameters(path)
         assert text.startswith("a lighthouse\nNegative prompt: fog\n")
-        for field in ("Steps: 4", "Sampler: Euler", "CFG scale: 7.5", "Seed: 77", "Size: 256x256", "Model: "):
+        size = f"Size: {TEST_SIDE}x{TEST_SIDE}"
+        for field in ("Steps: 4", "Sampler: Euler", "CFG scale: 7.5", "Seed: 77", size, "Model: "):
             assert field in text, (fmt, field)
 
 

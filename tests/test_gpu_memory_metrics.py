@@ -8,7 +8,7 @@ import torch
 
 from sdxl_cog.gpu_memory import PeakMemoryMeter
 from sdxl_cog.memory import GIB
-from tests.test_generation import run
+from tests.conftest import run
 
 KEYS = {"gpu_peak_memory_bytes", "gpu_memory_fraction"}
 

@@ -19,10 +19,8 @@ from sdxl_cog.config import MAX_PROMPT_TOKENS
 from sdxl_cog.testing.cog_server import CogServer, free_port
 from sdxl_cog.uploads import MATERIALISED_NAME, STALE_INPUT_AGE_S, refusal
 from tests.conftest import REPO_ROOT
-from tests.test_reliability_server import data_uri, image_of, png_bytes
+from tests.helpers.server import PREDICT_TIMEOUT_S, READY_TIMEOUT_S, data_uri, image_of, png_bytes
 
-READY_TIMEOUT_S = 300
-PREDICT_TIMEOUT_S = 300
 CHEAP = {"prompt": "x", "width": 256, "height": 256, "num_inference_steps": 2, "seed": 3, "apply_watermark": False}
 SOURCE = png_bytes((256, 256), (200, 60, 30))
 # Black except a white square: what an attacker pairs with a server path to read the file back.

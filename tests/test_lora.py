@@ -11,26 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl_cog.errors import InputError
-from tests.conftest import DEFAULT_OPTIONS, make_request, pixels
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-LORA_RANK = 4
-
-
-def _lora_state_dict(weights_dir: Path) -> dict[str, torch.Tensor]:
-    """PEFT-format LoRA weights for the tiny UNet, random so that they visibly change the output."""
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "base" / "unet", variant="fp16", dtype=torch.float32)
-    torch.manual_seed(0)
-    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=LORA_TARGETS)
-    unet.add_adapter(config)
-    return {k: v.contiguous() * 4 for k, v in get_peft_model_state_dict(unet).items()}
+from tests.conftest import DEFAULT_OPTIONS, LORA_RANK, lora_state_dict, make_request, pixels
 
 
 def _to_kohya(peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,7 +30,7 @@ def _to_kohya(peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def lora_files(tiny_weights, settings) -> dict[str, Path]:
-    peft = _lora_state_dict(tiny_weights)
+    peft = lora_state_dict(tiny_weights)
     directory = settings.lora_local_dirs[0]
     directory.mkdir(parents=True, exist_ok=True)
     files = {"peft": directory / "peft.safetensors", "kohya": directory / "kohya.safetensors"}
@@ -131,8 +116,15 @@ def generate(service, lora=None, scale=0.6, **overrides) -> np.ndarray:
     return pixels(Image.open(prediction.paths[0]))
 
 
-def test_lora_from_url_changes_output_scale_matters_and_leaves_nothing_behind(service, file_server, loopback_allowed):
-    base = generate(service)
+@pytest.fixture(scope="module")
+def base(service) -> np.ndarray:
+    """generate() without a LoRA: what every request without one must give, before and after any LoRA."""
+    return generate(service)
+
+
+def test_lora_from_url_changes_output_scale_matters_and_leaves_nothing_behind(
+    service, file_server, loopback_allowed, base
+):
     full = generate(service, f"{file_server}/peft", 1.0)
     light = generate(service, f"{file_server}/peft", 0.2)
     after = generate(service)
@@ -148,8 +140,7 @@ def test_downloads_are_cached(service, file_server, loopback_allowed):
     assert _Files.hits == ["/peft?cached"]
 
 
-def test_kohya_keys_load_from_an_allowed_local_path(service, lora_files):
-    base = generate(service)
+def test_kohya_keys_load_from_an_allowed_local_path(service, lora_files, base):
     with_kohya = generate(service, str(lora_files["kohya"]), 1.0)
     with_peft = generate(service, str(lora_files["peft"]), 1.0)
     assert np.abs(with_kohya - base).max() > 0
@@ -160,8 +151,7 @@ def test_kohya_keys_load_from_an_allowed_local_path(service, lora_files):
     "name,message",
     [("not_safetensors", "not a valid .safetensors file"), ("wrong_keys", "could not be loaded as an SDXL LoRA")],
 )
-def test_bad_lora_file_is_refused_and_leaves_the_model_unchanged(service, lora_files, name, message):
-    base = generate(service)
+def test_bad_lora_file_is_refused_and_leaves_the_model_unchanged(service, lora_files, base, name, message):
     with pytest.raises(InputError, match=message):
         generate(service, str(lora_files[name]), 1.0)
     assert np.array_equal(generate(service), base)
@@ -211,9 +201,8 @@ def test_the_timeout_is_a_deadline_for_the_whole_download(service, file_server, 
 
 
 @pytest.mark.parametrize("lie", [True, "long"], ids=["content-length-shorter-than-body", "longer-than-body"])
-def test_a_download_that_is_not_whole_is_never_cached(service, file_server, loopback_allowed, lie):
+def test_a_download_that_is_not_whole_is_never_cached(service, file_server, loopback_allowed, base, lie):
     url = f"{file_server}/lie/peft?{lie}"
-    base = generate(service)
     before = cached_files(loopback_allowed)
     _Files.lie = lie
     try:

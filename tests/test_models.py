@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from sdxl_cog import placement as placement_module
 from sdxl_cog.catalog import checkpoints
+from sdxl_cog.config import WATERMARK_MIN_SIDE
 from sdxl_cog.errors import InputError
 from sdxl_cog.models import CheckpointCache
 from sdxl_cog.outputs import read_parameters
@@ -21,10 +22,7 @@ from sdxl_cog.placement import module_bytes
 from sdxl_cog.service import SDXLService
 from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model
 from sdxl_cog.weights.layout import read_manifest, verify
-from tests.conftest import DEFAULT_OPTIONS, max_diff
-from tests.test_generation import run
-from tests.test_lora import _lora_state_dict
-from tests.test_placement import FakeGpuPlacement
+from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, FakeGpuPlacement, lora_state_dict, max_diff, run
 
 A, B, C, TURBO = "sdxl-base", "anime", "photo", "turbo"
 
@@ -89,30 +87,46 @@ def test_identical_components_are_loaded_once(multi):
     assert parts[A]["vae"] is parts[B]["vae"] is parts[C]["vae"]
 
 
-def test_each_request_gets_its_models_image_as_if_run_alone(settings, multi_weights, multi):
-    alone = {}
+@pytest.fixture(scope="module")
+def alone(settings, multi_weights) -> dict:
+    """Each checkpoint's image from a fresh server that has run nothing else."""
+    images = {}
     for name in (A, B, C):
         fresh = _service(settings, multi_weights)
-        alone[name] = _image(fresh, name)
+        images[name] = _image(fresh, name)
         del fresh
+    return images
+
+
+def test_each_request_gets_its_models_image_as_if_run_alone(multi, alone):
     assert max_diff(alone[A], alone[B]) > 0 and max_diff(alone[A], alone[C]) > 0 and max_diff(alone[B], alone[C]) > 0
     for name in (A, B, A, C, A):
         assert max_diff(_image(multi, name), alone[name]) == 0, name
 
 
 def test_no_state_leaks_between_models(multi, multi_weights, tmp_path):
-    a = _image(multi, A)
+    # Large enough for the watermark, which smaller images never get: a watermark left on would show.
+    size = dict(width=WATERMARK_MIN_SIDE, height=WATERMARK_MIN_SIDE)
+    a = _image(multi, A, **size)
     lora = multi.settings.lora_local_dirs[0] / "models-test.safetensors"
     lora.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"unet.{k}": v for k, v in _lora_state_dict(multi_weights).items()}, lora)
+    save_file({f"unet.{k}": v for k, v in lora_state_dict(multi_weights).items()}, lora)
     watermarked = dataclasses.replace(DEFAULT_OPTIONS, apply_watermark=True)
-    b_plain = _image(multi, B)
+    b_plain = _image(multi, B, **size)
     b_changed = run(
-        multi, watermarked, lora=str(lora), lora_scale=1.0, model=B, num_inference_steps=2, seed=5, scheduler="DDIM"
+        multi,
+        watermarked,
+        lora=str(lora),
+        lora_scale=1.0,
+        model=B,
+        num_inference_steps=2,
+        seed=5,
+        scheduler="DDIM",
+        **size,
     ).images[0]
     assert max_diff(b_plain, b_changed) > 0
-    assert max_diff(_image(multi, A), a) == 0
-    assert max_diff(_image(multi, B), b_plain) == 0
+    assert max_diff(_image(multi, A, **size), a) == 0
+    assert max_diff(_image(multi, B, **size), b_plain) == 0
 
 
 def test_metrics_and_embedded_parameters_name_the_model(multi):
@@ -130,19 +144,18 @@ def test_an_unknown_model_is_refused_listing_the_models_there_are(multi):
         run(multi, model="nope")
 
 
-def test_a_small_budget_evicts_the_least_recently_used_and_reloads_identically(settings, multi_weights, multi):
+def test_a_small_budget_evicts_the_least_recently_used_and_reloads_identically(settings, multi_weights, multi, alone):
     models = multi.models.registry.models
     # Room for one checkpoint's own modules at a time (C's are the largest: UNet and both text encoders).
     one = sum(module_bytes(models[C].components[c]) for c in ("text_encoder", "text_encoder_2", "unet"))
     small = _service(settings, multi_weights, model_memory_bytes=one)
     cache = small.models.registry.cache
     assert list(cache.resident) == [A]
-    expected = {name: _image(multi, name) for name in (A, B, C)}
     for name, loads in ((A, False), (B, True), (B, False), (A, True), (C, True), (A, True)):
         result = run(small, model=name, num_inference_steps=2, seed=5)
         assert ("model_load_time" in result.metrics) is loads, name
         assert list(cache.resident) == [name]
-        assert max_diff(result.images[0], expected[name]) == 0, name
+        assert max_diff(result.images[0], alone[name]) == 0, name
 
 
 def test_low_vram_mode_runs_every_models_modules_only_on_the_device(settings, multi_weights, multi):
@@ -215,8 +228,8 @@ def test_given_inputs_override_the_profile_and_other_models_keep_their_own(multi
             profile=multi.profile(TURBO),
             num_inference_steps=3,
             guidance_scale=2.0,
-            width=256,
-            height=256,
+            width=TEST_SIDE,
+            height=TEST_SIDE,
         )
     assert batches == [2, 2, 2] and not [k for k in result.metrics if k.startswith("model_defaults.")]
     capsys.readouterr()

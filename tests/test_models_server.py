@@ -10,8 +10,8 @@ import pytest
 from sdxl_cog.testing.cog_server import CogServer
 from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model
 from tests.conftest import REPO_ROOT
-from tests.test_server import READY_TIMEOUT_S, decode_outputs
-from tests.test_server import predict_when_free as predict
+from tests.helpers.server import READY_TIMEOUT_S, decode_outputs
+from tests.helpers.server import predict_when_free as predict
 
 
 @pytest.fixture(scope="module")

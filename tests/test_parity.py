@@ -8,7 +8,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from sdxl_cog.service import OutputOptions
-from tests.conftest import make_request, pixels
+from tests.conftest import TEST_SIDE, TEST_STEPS, make_request, pixels
 
 # Identical arithmetic on the same device: the images are expected to match exactly, bar the uint8 rounding of
 # two separate float-to-byte conversions (at most 1 level, observed 0).
@@ -32,9 +32,9 @@ def test_txt2img_matches_the_stock_diffusers_pipeline(service):
     images = stock(
         prompt=request["prompt"],
         negative_prompt=negative_prompt or None,
-        width=256,
-        height=256,
-        num_inference_steps=4,
+        width=TEST_SIDE,
+        height=TEST_SIDE,
+        num_inference_steps=TEST_STEPS,
         guidance_scale=guidance_scale,
         num_images_per_prompt=2,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in (42, 43)],

@@ -4,7 +4,6 @@ runs every module only while its stage holds it on the device, with the same ima
 from __future__ import annotations
 
 import dataclasses
-from itertools import chain
 
 import pytest
 import torch
@@ -21,8 +20,16 @@ from sdxl_cog.placement import (
     stage_peak_bytes,
 )
 from sdxl_cog.service import SDXLService
-from tests.conftest import DEFAULT_OPTIONS, make_request, max_diff
-from tests.test_generation import _half_mask, _source_image, run
+from tests.conftest import (
+    DEFAULT_OPTIONS,
+    TEST_SIDE,
+    FakeGpuPlacement,
+    half_mask,
+    make_request,
+    max_diff,
+    run,
+    source_image,
+)
 
 # SDXL 1.0 in fp16, bytes per placed module.
 SDXL_FP16 = {
@@ -95,28 +102,6 @@ def test_sdxl_low_vram_environment(monkeypatch, value, expected):
 
 
 # --- Moving modules, on a fake GPU ----------------------------------------------------------------
-
-
-class FakeGpuPlacement(StagedPlacement):
-    """Low-VRAM mode on the CPU: a copy "to the device" is a clone whose storage is remembered, so that
-    whether a tensor is on the fake device is seen from the tensor itself, not from the bookkeeping."""
-
-    def __init__(self, device, modules):
-        self.device_storages: set[int] = set()
-        super().__init__(device, modules)
-
-    def _copy_to_device(self, host):
-        copy = host.clone()
-        self.device_storages.add(copy.data_ptr())
-        return copy
-
-    def _evict(self, module):
-        self.device_storages -= {t.data_ptr() for t in chain(module.parameters(), module.buffers())}
-        super()._evict(module)
-
-    def holds(self, module: torch.nn.Module, recurse: bool = True) -> bool:
-        tensors = chain(module.parameters(recurse=recurse), module.buffers(recurse=recurse))
-        return all(t.data_ptr() in self.device_storages for t in tensors)
 
 
 def _placed(placement: FakeGpuPlacement, modules) -> set[str]:
@@ -239,7 +224,8 @@ def test_low_vram_mode_runs_each_module_only_in_its_stage_with_the_same_images(s
 
 
 def test_low_vram_inpainting_encodes_with_the_vae_in_the_denoising_stages(service, staged_service, tracker, tmp_path):
-    source, mask = _source_image(tmp_path, (256, 256)), _half_mask(tmp_path, (256, 256))
+    square = (TEST_SIDE, TEST_SIDE)
+    source, mask = source_image(tmp_path, square), half_mask(tmp_path, square)
     request = dict(image=source, mask=mask, width=None, height=None, refine="base_image_refiner", refine_steps=2)
     staged = run(staged_service, seed=4, **request).images[0]
     assert tracker.stages == STAGES_WITH_SAFETY_CHECK and not tracker.misplaced

@@ -14,7 +14,7 @@ from sdxl_cog.prompts import encode_prompts
 from sdxl_cog.service import SDXLService
 from sdxl_cog.testing.synthetic import set_safety_checker_flags_everything
 from sdxl_cog.watermark import has_watermark
-from tests.conftest import DEFAULT_OPTIONS, make_request, max_diff
+from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, make_request, max_diff
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
 
@@ -55,7 +55,7 @@ def test_long_negative_prompt_pads_to_the_same_length(service):
     image = predict_image(
         service, prompt="short", negative_prompt=long_prompt("blurry"), refine="expert_ensemble_refiner"
     )
-    assert image.size == (256, 256)
+    assert image.size == (TEST_SIDE, TEST_SIDE)
 
 
 def test_flagged_images_come_back_black_and_are_counted(weights_copy, settings, capsys):

@@ -11,34 +11,32 @@ wait for READY in between: coglet frees its slot just after a response, so some 
 
 from __future__ import annotations
 
-import base64
-import collections
-import io
 import json
-import re
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import psutil
 import pytest
 import requests
-from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl_cog.testing.cog_server import CogServer
-from tests.conftest import REPO_ROOT
-from tests.test_lora import _lora_state_dict
+from tests.conftest import REPO_ROOT, lora_state_dict
+from tests.helpers.server import (
+    BUSY_WAIT_S,
+    PREDICT_TIMEOUT_S,
+    READY_TIMEOUT_S,
+    Webhooks,
+    data_uri,
+    image_of,
+    png_bytes,
+    steps_logged,
+)
 
-READY_TIMEOUT_S = 300
-PREDICT_TIMEOUT_S = 300
-# How long a request refused with 409 is sent again: the slot comes back within milliseconds.
-BUSY_WAIT_S = 10
 # The image every leak check compares against: cheap, seeded, with the default sampler and watermark.
 REFERENCE = {"prompt": "a red fox in the snow", "width": 256, "height": 256, "num_inference_steps": 3, "seed": 1234}
 # Long enough (a few tenths of a second per step on 2 cores) to still be denoising when cancelled.
@@ -53,61 +51,13 @@ MAX_STEPS_AFTER_CANCEL = 2
 # The cancelled work must really stop: an idle worker burns nothing, a denoising one ~1 CPU-second a second.
 IDLE_CPU_SECONDS = 0.3
 MAX_SECONDS_TO_READY = 5
-STEP_LINE = re.compile(r"^(base|refiner): step ", re.MULTILINE)
-TERMINAL = {"succeeded", "failed", "canceled"}
-
-
-class Webhooks:
-    """A loopback webhook receiver that keeps every payload coglet sends, per prediction id."""
-
-    def __init__(self):
-        self.received: dict[str, list[dict]] = collections.defaultdict(list)
-        self.changed = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with receiver.changed:
-                    receiver.received[payload["id"]].append(payload)
-                    receiver.changed.notify_all()
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hook"
-
-    def wait_for(self, prediction_id: str, condition, timeout: float = PREDICT_TIMEOUT_S) -> dict:
-        """The first payload for `prediction_id` that satisfies `condition`."""
-
-        def found():
-            return next((p for p in self.received[prediction_id] if condition(p)), None)
-
-        with self.changed:
-            payload = self.changed.wait_for(found, timeout)
-        assert payload is not None, f"no such webhook for {prediction_id} in {timeout}s: {self.received[prediction_id]}"
-        return payload
-
-    def first_step(self, prediction_id: str, stage: str = "base") -> dict:
-        return self.wait_for(prediction_id, lambda p: f"{stage}: step" in (p.get("logs") or ""))
-
-    def steps_so_far(self, prediction_id: str) -> int:
-        with self.changed:
-            return max(steps_logged(p) for p in self.received[prediction_id])
-
-    def final(self, prediction_id: str) -> dict:
-        return self.wait_for(prediction_id, lambda p: p.get("status") in TERMINAL)
 
 
 @pytest.fixture(scope="module")
 def lora_path(tiny_weights, tmp_path_factory):
     directory = tmp_path_factory.mktemp("server-loras")
     path = directory / "peft.safetensors"
-    save_file({f"unet.{k}": v for k, v in _lora_state_dict(tiny_weights).items()}, path)
+    save_file({f"unet.{k}": v for k, v in lora_state_dict(tiny_weights).items()}, path)
     return path
 
 
@@ -178,17 +128,6 @@ def start_async(server, webhooks, prediction_id: str, **inputs) -> None:
     assert response.status_code == 202, response.text
 
 
-def steps_logged(payload: dict) -> int:
-    return len(STEP_LINE.findall(payload.get("logs") or ""))
-
-
-def image_of(body: dict) -> np.ndarray:
-    assert body["status"] == "succeeded", body.get("error")
-    header, payload = body["output"][0].split(",", 1)
-    assert header.startswith("data:image/png")
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB"))
-
-
 def worker(server) -> psutil.Process:
     children = psutil.Process(server.process.pid).children(recursive=True)
     return next(p for p in children if "_run_worker" in " ".join(p.cmdline()))
@@ -206,16 +145,6 @@ def seconds_until_ready(server, since: float, timeout: float = 30) -> float:
         assert time.monotonic() - since < timeout, f"not READY {timeout}s after: {server.health()}"
         time.sleep(0.01)
     return time.monotonic() - since
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def png_bytes(size: tuple[int, int], color) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def png_declaring(width: int, height: int) -> bytes:

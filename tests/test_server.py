@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -15,10 +14,7 @@ from PIL import Image
 
 from sdxl_cog.testing.cog_server import CogServer
 from tests.conftest import REPO_ROOT
-
-READY_TIMEOUT_S = 300
-PREDICT_TIMEOUT_S = 300
-BUSY_WAIT_S = 10
+from tests.helpers.server import PREDICT_TIMEOUT_S, READY_TIMEOUT_S, decode_outputs, predict_when_free
 
 
 @pytest.fixture(scope="module")
@@ -27,28 +23,6 @@ def server(tiny_weights, tmp_path_factory):
     env = {"SDXL_WEIGHTS_DIR": str(tiny_weights), "SDXL_OUTPUT_DIR": str(scratch / "outputs")}
     with CogServer(cwd=REPO_ROOT, env=env, ready_timeout=READY_TIMEOUT_S, log_path=scratch / "server.log") as running:
         yield running
-
-
-def decode_outputs(response: dict) -> list[Image.Image]:
-    images = []
-    for uri in response["output"]:
-        header, payload = uri.split(",", 1)
-        assert header.startswith("data:image/")
-        images.append(Image.open(io.BytesIO(base64.b64decode(payload))))
-    return images
-
-
-def predict(server, **inputs) -> requests.Response:
-    return requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=PREDICT_TIMEOUT_S)
-
-
-def predict_when_free(server, **inputs) -> requests.Response:
-    """predict(), sent again while coglet answers 409: it frees its slot just after the previous response
-    (README, "a sequential client can get 409"), and these tests send their requests back to back."""
-    deadline = time.monotonic() + BUSY_WAIT_S
-    while (response := predict(server, **inputs)).status_code == 409 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return response
 
 
 def test_health_is_ready(server):

@@ -32,20 +32,40 @@ def shipped_tree(tmp_path_factory) -> Path:
     return tree
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_each_shipped_script_runs_without_tests(shipped_tree, script):
+@pytest.fixture(scope="module")
+def help_outputs(shipped_tree) -> dict[str, tuple[int, str]]:
+    """Each script's --help from the shipped tree: exit status and output. They run side by side, each in its
+    own interpreter: make-test-weights alone spends seconds importing torch, and the others finish meanwhile."""
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run(
-        [shipped_tree / "script" / script, "--help"],
-        cwd=shipped_tree,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output
+    running = {
+        script: subprocess.Popen(
+            [shipped_tree / "script" / script, "--help"],
+            cwd=shipped_tree,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for script in SCRIPTS
+    }
+    outputs = {}
+    try:
+        for script, process in running.items():
+            output, _ = process.communicate(timeout=120)
+            outputs[script] = (process.returncode, output)
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return outputs
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_shipped_script_runs_without_tests(help_outputs, script):
+    returncode, output = help_outputs[script]
+    assert returncode == 0, output
     assert "usage" in output.lower(), output
     assert "No module named" not in output
 

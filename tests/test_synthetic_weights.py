@@ -12,6 +12,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTokenizer
 
+from sdxl_cog.config import MIN_SIDE
 from sdxl_cog.testing import synthetic
 from sdxl_cog.weights.layout import REQUIRED_FILES, SAFETY_CHECKER_DIR, verify
 
@@ -20,17 +21,17 @@ LONG_PROMPT = (
     "a photograph of an astronaut riding a horse on the moon, highly detailed, dramatic lighting, "
     "cinematic composition, golden hour, by a famous photographer, sharp focus, volumetric fog, 8k"
 )
-SIZE = 256  # pixels; 32x32 latents keep a tiny two-step run well under a second
+SIZE = MIN_SIDE  # pixels, the smallest a request may ask for: 16x16 latents keep a two-step run quick
 # The pipelines load in fp32 on CPU. The dtype must be explicit: with none, diffusers upcasts the fp16
 # UNet to fp32 while transformers 5 keeps the text encoders in their fp16 file dtype, and they clash.
 DTYPE = torch.float32
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic-weights")
-    synthetic.make_weights(root, size="tiny", seed=0)
-    return root
+def weights(tiny_weights):
+    """The session's tiny weights (conftest: synthetic.make_weights(size="tiny", seed=0)), which no test alters;
+    the checks below would see it if one did."""
+    return tiny_weights
 
 
 @pytest.fixture(scope="module")
