@@ -34,6 +34,8 @@ WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="finish")
 
 
 class Finisher:
+    """One request's images: submit each as it decodes, then collect them with results()."""
+
     def __init__(self, run: Run, checker: SafetyChecker | None, watermark: bool, sink: ImageSink | None):
         self.run, self.checker, self.watermark, self.sink = run, checker, watermark, sink
         self.stream = torch.cuda.Stream(run.device) if run.device.startswith("cuda") else None
@@ -69,7 +71,7 @@ class Finisher:
             self.stream.wait_event(decoded)
             yield
 
-    def _check(self, pixels: torch.Tensor, decoded) -> bool:
+    def _check(self, pixels: torch.Tensor, decoded: torch.cuda.Event | None) -> bool:
         with self._after(decoded), self.run.phase("safety_check"):
             (flagged,) = self.checker.flags(pixels)
         return flagged
@@ -78,7 +80,9 @@ class Finisher:
         with self.run.phase("watermark") if self.watermark else nullcontext():
             return watermark_images(pixels) if self.watermark else pixels
 
-    def _finish(self, index: int, pixels: torch.Tensor, decoded, flag: Future | None) -> tuple[np.ndarray, bool]:
+    def _finish(
+        self, index: int, pixels: torch.Tensor, decoded: torch.cuda.Event | None, flag: Future | None
+    ) -> tuple[np.ndarray, bool]:
         with self._after(decoded):
             marked = self._mark(pixels)
             flagged = flag is not None and flag.result()
