@@ -106,7 +106,10 @@ def test_docs_list_the_inputs_of_this_servers_schema(gateway, browser):
     assert ("POST", "/predictions") in operations and ("GET", "/predictions/{prediction_id}") in operations
     assert not [op for op in operations if op[1] == "/shutdown"]
     browser.find_element(By.CSS_SELECTOR, '.model-container[data-name="Input"] .model-box-control').click()
-    model = browser.find_element(By.CSS_SELECTOR, '.model-container[data-name="Input"]').text
+    # Swagger UI renders the expanded model's properties after the click returns ("Input{ }" until then).
+    input_model = (By.CSS_SELECTOR, '.model-container[data-name="Input"]')
+    wait(browser).until(lambda driver: "prompt" in driver.find_element(*input_model).text)
+    model = browser.find_element(*input_model).text
     for name in ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "seed", "image", "mask"):
         assert name in model, f"{name} not listed in the Input model:\n{model}"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
