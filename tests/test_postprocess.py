@@ -241,6 +241,15 @@ class ScriptedChecker:
         return [self.flagged] * len(images)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The finishing workers run on the CPU only beside a one-thread decoder (see sdxl_cog/finishing.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def finish(checker, watermark: bool, images: list[np.ndarray], sink=None) -> tuple[list[np.ndarray], list[bool]]:
     with Finisher(Run("cpu"), checker, watermark, sink) as finisher:
         for index, image in enumerate(images):
@@ -248,6 +257,7 @@ def finish(checker, watermark: bool, images: list[np.ndarray], sink=None) -> tup
         return finisher.results()
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_the_safety_check_and_the_watermark_of_an_image_run_at_the_same_time(monkeypatch):
     """The check waits until the watermark has started: run one after the other, they would never end."""
     marking = threading.Event()
@@ -263,6 +273,7 @@ def test_the_safety_check_and_the_watermark_of_an_image_run_at_the_same_time(mon
     assert np.array_equal(finished[0], reference_watermark(image))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_flagged_image_is_black_with_the_mark_and_reaches_the_sink():
     images = [photo(name, (256, 256)) for name in PHOTOS]
     received = {}
@@ -273,6 +284,7 @@ def test_a_flagged_image_is_black_with_the_mark_and_reaches_the_sink():
     assert sorted(received) == [0, 1] and all(received[i] is finished[i] for i in received)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_without_checker_or_watermark_the_decoded_pixels_are_handed_over_as_they_are():
     images = [photo(PHOTOS[1], (256, 256)), noisy((264, 256))]
     finished, flags = finish(None, False, images)
@@ -280,6 +292,7 @@ def test_without_checker_or_watermark_the_decoded_pixels_are_handed_over_as_they
     assert all(np.array_equal(a, b) for a, b in zip(finished, images))
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_failed_hand_over_fails_the_request_at_the_next_image():
     def full_disk(index, image):
         raise OSError(28, "No space left on device")
@@ -292,3 +305,21 @@ def test_a_failed_hand_over_fails_the_request_at_the_next_image():
             finisher.submit(1, image)
         with pytest.raises(OSError, match="No space left"):
             finisher.results()
+
+
+def test_beside_a_multithreaded_cpu_decoder_images_are_finished_in_the_calling_thread():
+    """With torch using several cores, a worker would only contend with the decoder: the check comes first,
+    then the watermark, both in the caller's thread, and the outputs are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        callers = []
+        checker = ScriptedChecker(True)
+        flags = checker.flags
+        checker.flags = lambda images: callers.append(threading.current_thread()) or flags(images)
+        image = photo(PHOTOS[0], (256, 256))
+        finished, flagged = finish(checker, True, [image])
+    finally:
+        torch.set_num_threads(threads)
+    assert callers == [threading.current_thread()] and flagged == [True]
+    assert np.array_equal(finished[0], reference_watermark(np.zeros_like(image)))
