@@ -9,7 +9,8 @@ check before the watermark. On a GPU they queue their kernels on a stream of the
 decoder's stream never waits for them either.
 
 For each image the safety check and the watermark run at the same time (both only read the decoded
-pixels), so after the last decode what remains is the longer of the two, one copy and one encode. A
+pixels); on the CPU the worker that ran the check then takes bands of the watermark too, so after the last
+decode both cores mark the last image, and what remains is that, one copy and one encode. A
 flagged image is replaced by black and the mark is embedded again, in the black image: a flagged output is
 exactly what checking before marking would give.
 """
@@ -17,7 +18,7 @@ exactly what checking before marking would give.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -87,8 +88,12 @@ class Finisher:
         return flagged
 
     def _mark(self, pixels: torch.Tensor) -> torch.Tensor:
-        with self.run.phase("watermark") if self.watermark else nullcontext():
-            return watermark_images(pixels) if self.watermark else pixels
+        if not self.watermark:
+            return pixels
+        # The check's worker joins in once the check is done (on a GPU the image is marked in one pass).
+        helpers = WORKERS if self.run.device == "cpu" and not self.inline else None
+        with self.run.phase("watermark"):
+            return watermark_images(pixels, helpers)
 
     def _finish(
         self, index: int, pixels: torch.Tensor, decoded: torch.cuda.Event | None, flag: Future | None

@@ -92,6 +92,34 @@ def test_a_batch_is_marked_like_its_images_one_by_one():
         assert np.array_equal(watermark_images(torch.from_numpy(image[None]))[0].numpy(), marked)
 
 
+# (width, height): bands of CPU_BAND_ROWS and a last short one (520 = 2 * 256 + 8), a height past the DWT's
+# crop (262: its last 2 rows are only converted) and one whose last rows of blocks are cut (1036 = 4 * 256 + 12).
+BANDED_SIZES = [(776, 520), (256, 262), (264, 1036)]
+
+
+@pytest.mark.parametrize("size", BANDED_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_marking_in_bands_with_a_helper_thread_gives_the_reference_pixels(size):
+    batch = np.stack([photo(PHOTOS[0], size), noisy(size, 2)])
+    with concurrent.futures.ThreadPoolExecutor(1) as helper:
+        helped = watermark_images(torch.from_numpy(batch), helper).numpy()
+    alone = watermark_images(torch.from_numpy(batch)).numpy()
+    assert np.array_equal(helped, alone)
+    for original, ours in zip(batch, helped):
+        assert np.array_equal(ours, reference_watermark(original))
+
+
+def test_a_busy_helper_executor_never_holds_up_the_watermark():
+    """The caller marks the bands itself when the helper's only thread is taken: no wait, no deadlock."""
+    image = photo(PHOTOS[1], (512, 768))
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as busy:
+        blocker = busy.submit(release.wait, 30)
+        marked = watermark_images(torch.from_numpy(image.copy()[None]), busy)[0].numpy()
+        assert not blocker.done()
+        release.set()
+    assert np.array_equal(marked, reference_watermark(image))
+
+
 def test_images_too_small_for_the_mark_are_left_alone():
     image = torch.from_numpy(noisy((WATERMARK_MIN_SIDE - 8, 512))[None])
     assert torch.equal(watermark_images(image), image)
@@ -262,9 +290,9 @@ def test_the_safety_check_and_the_watermark_of_an_image_run_at_the_same_time(mon
     """The check waits until the watermark has started: run one after the other, they would never end."""
     marking = threading.Event()
 
-    def watermark_that_signals(rgb):
+    def watermark_that_signals(rgb, helpers):
         marking.set()
-        return watermark_images(rgb)
+        return watermark_images(rgb, helpers)
 
     monkeypatch.setattr(finishing, "watermark_images", watermark_that_signals)
     image = photo(PHOTOS[0], (256, 256))
