@@ -3,11 +3,12 @@
     python bench/encoding.py                  # a smooth synthetic image with sensor-like noise
     python bench/encoding.py --image some.png # or any image of your own (resized to --side)
 
-For each format of sdxl_cog.outputs at the defaults a request gets (PNG with outputs.PNG_PARAMS, JPEG
+For each format of sdxl_cog.outputs at the defaults a request gets (PNG with outputs.PngWriter, JPEG
 and WebP at the default output_quality, WebP at 100 = lossless), through the same encoder functions
 encode_all uses (metadata attached, file written): time (median of N), file size, and whether the pixels
 survive (max abs difference and PSNR against the original). Pillow's PNG at its default zlib level 6 and at
-its fastest lossless settings are the references. Then encode_all on 4 images against 4 encodes one after
+its fastest lossless settings, and OpenCV's libpng at PngWriter's settings (the encoder before it), are the
+references. Then encode_all on 4 images against 4 encodes one after
 the other (the parallel speedup), the lossless PNG settings considered, and, for scale, the invisible
 watermark every default request also pays.
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, print_header, print_table, ratio, spread  # noqa: E402
 
 from sdxl_cog import outputs  # noqa: E402
-from sdxl_cog.config import DEFAULT_OUTPUT_QUALITY, DEFAULT_SIDE  # noqa: E402
+from sdxl_cog.config import DEFAULT_OUTPUT_QUALITY, DEFAULT_SIDE, PNG_COMPRESS_LEVEL  # noqa: E402
 from sdxl_cog.watermark import apply_watermark  # noqa: E402
 
 # Pillow's own default zlib level for PNG: the reference for outputs.PNG_COMPRESS_LEVEL.
@@ -84,12 +85,33 @@ def _cv2_name(prefix: str, value: int) -> str:
     return next(n.removeprefix(prefix) for n in dir(cv2) if n.startswith(prefix) and getattr(cv2, n) == value)
 
 
+# What outputs.PngWriter does, in OpenCV's terms: zlib level PNG_COMPRESS_LEVEL, run-length strategy, Up filter.
+OPENCV_PNG_AS_OUR_WRITER = [
+    cv2.IMWRITE_PNG_COMPRESSION,
+    PNG_COMPRESS_LEVEL,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+    cv2.IMWRITE_PNG_FILTER,
+    cv2.IMWRITE_PNG_FILTER_UP,
+]
+
+
 def png_settings() -> str:
     """The encoder settings outputs.py writes PNG with, named from OpenCV's constants."""
-    options = dict(zip(outputs.PNG_PARAMS[::2], outputs.PNG_PARAMS[1::2]))
+    options = dict(zip(OPENCV_PNG_AS_OUR_WRITER[::2], OPENCV_PNG_AS_OUR_WRITER[1::2]))
     strategy = _cv2_name("IMWRITE_PNG_STRATEGY_", options[cv2.IMWRITE_PNG_STRATEGY])
     row_filter = _cv2_name("IMWRITE_PNG_FILTER_", options[cv2.IMWRITE_PNG_FILTER])
-    return f"OpenCV, level {options[cv2.IMWRITE_PNG_COMPRESSION]}, {strategy} strategy, {row_filter} filter"
+    return f"zlib level {options[cv2.IMWRITE_PNG_COMPRESSION]}, {strategy} strategy, {row_filter} filter"
+
+
+def _save_png_opencv(image: np.ndarray, path: Path, quality: int, text: str) -> None:
+    """OpenCV's libpng at the same settings, with the same text chunk after IHDR (the encoder before PngWriter)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), OPENCV_PNG_AS_OUR_WRITER)
+    assert ok
+    after_ihdr = 8 + 4 + 4 + 13 + 4  # signature, IHDR length, type, data and CRC
+    path.write_bytes(
+        encoded[:after_ihdr].tobytes() + outputs.png_text_chunk("parameters", text) + encoded[after_ihdr:].tobytes()
+    )
 
 
 def _save_png_pillow_fastest(image: np.ndarray, path: Path, quality: int, text: str) -> None:
@@ -102,7 +124,7 @@ def _save_png_pillow_fastest(image: np.ndarray, path: Path, quality: int, text: 
 def cases() -> list[tuple[str, str, object, int]]:
     """(label, file extension, encoder, quality): every output format at its defaults, plus the PNG reference."""
     rows = [
-        (f"png ({png_settings()}, outputs.py)", "png", outputs.ENCODERS["png"], 0),
+        (f"png ({png_settings()}, outputs.PngWriter)", "png", outputs.ENCODERS["png"], 0),
         (f"jpg (quality={DEFAULT_OUTPUT_QUALITY})", "jpg", outputs.ENCODERS["jpg"], DEFAULT_OUTPUT_QUALITY),
         (f"webp (quality={DEFAULT_OUTPUT_QUALITY})", "webp", outputs.ENCODERS["webp"], DEFAULT_OUTPUT_QUALITY),
         (
@@ -113,6 +135,7 @@ def cases() -> list[tuple[str, str, object, int]]:
         ),
         (f"png reference (Pillow default level {PILLOW_DEFAULT_PNG_LEVEL})", "png", _save_png_pillow_default, 0),
         ("png reference (Pillow level 1, Z_RLE: its fastest)", "png", _save_png_pillow_fastest, 0),
+        (f"png reference (OpenCV libpng, {png_settings()})", "png", _save_png_opencv, 0),
     ]
     missing = set(outputs.OUTPUT_FORMATS) - {ext for _, ext, _, _ in rows}
     if missing:

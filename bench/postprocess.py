@@ -218,7 +218,7 @@ def new_after_denoise(vae, latents, checker, out: Path, device: str) -> tuple[fl
     try:
         started = time.perf_counter()
         with BackgroundEncoder([TEXT] * len(latents), out, "e2e-new", "png", 80) as encoder:
-            finished, _ = finish_images(run, vae, latents, None, checker, True, encoder.submit)
+            finished, _ = finish_images(run, vae, latents, None, checker, True, encoder.submit, encoder.stream)
             encoder.wait()
         ended = time.perf_counter()
     finally:

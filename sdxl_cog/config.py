@@ -89,8 +89,9 @@ STALL_TIMEOUT_S = 10.0
 # --- Outputs (outputs.py) -----------------------------------------------------------------------------------
 # PNG stays lossless, and its encode sits on every request's critical path. Pillow's encoder tries four
 # filters on every row and keeps the best, which alone costs ~60 ms for a 1024px image and cannot be
-# turned off. OpenCV's libpng encoder takes a fixed filter: the Up filter with zlib level 1 and the
-# run-length strategy gives the same file size in 36 ms of CPU instead of 99 ms (bench/encoding.py).
+# turned off. A fixed filter does not: the Up filter with zlib level 1 and the run-length strategy gives the
+# same file size in 36 ms of CPU instead of 99 ms (bench/encoding.py; measured with OpenCV's libpng, which
+# outputs.PngWriter now matches in time and size while taking the rows as they are watermarked).
 PNG_COMPRESS_LEVEL = 1
 # WebP at quality 100 is written lossless: asking for the top quality should not still lose detail.
 WEBP_LOSSLESS_QUALITY = 100

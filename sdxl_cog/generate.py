@@ -21,6 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from . import images
 from .finishing import Finisher
+from .outputs import RowFeed
 from .pipelines import LoadedModels, Model, synchronize
 from .placement import Placement
 from .prompts import PromptEmbeddings, encode_prompts
@@ -29,6 +30,9 @@ from .safety import SafetyChecker
 
 # Receives each finished image, (H, W, 3) uint8 RGB in host memory, with its index.
 ImageSink = Callable[[int, np.ndarray], None]
+# Takes an image before its rows are final (index, the array being filled in) and returns the feed to tell it
+# which rows are (outputs.BackgroundEncoder.stream), or None: the image then goes to the ImageSink.
+RowSink = Callable[[int, np.ndarray], RowFeed | None]
 
 
 @dataclass
@@ -161,6 +165,7 @@ def generate(
     safety_check: bool,
     watermark: bool,
     sink: ImageSink | None = None,
+    rows: RowSink | None = None,
 ) -> GenerationResult:
     run = Run(device)
     generators = _generators(req.seeds)
@@ -189,7 +194,8 @@ def generate(
         models.placement.use("vae_decode_and_safety_check" if safety_check else "vae_decode")
     kept = images.kept_region(req.image, req.mask, device) if req.mask is not None else None
     checker = models.safety_checker if safety_check else None
-    finished, flags = finish_images(run, models.base.components["vae"], latents, kept, checker, watermark, sink)
+    vae = models.base.components["vae"]
+    finished, flags = finish_images(run, vae, latents, kept, checker, watermark, sink, rows)
     return GenerationResult(finished, flags, run.timings, run.steps)
 
 
@@ -201,11 +207,12 @@ def finish_images(
     checker: SafetyChecker | None,
     watermark: bool,
     sink: ImageSink | None,
+    rows: RowSink | None = None,
 ) -> tuple[list[np.ndarray], list[bool]]:
     """From latents to host images, one image at a time: decode and restore the kept region of an inpainted
     image exactly here, then hand it to the Finisher (safety check, watermark, copy to the host, sink) and go
     on to the next decode. A flagged image becomes black, never disappears."""
-    with Finisher(run, checker, watermark, sink) as finisher:
+    with Finisher(run, checker, watermark, sink, rows) as finisher:
         for index, latent in enumerate(latents):
             with run.phase("vae_decode"):
                 pixels = _decode(vae, latent)

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -20,7 +21,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import piexif
 import piexif.helper
@@ -28,16 +28,11 @@ from PIL import Image
 
 from .config import PNG_COMPRESS_LEVEL, RUNTIME_LEFTOVER_AGE_S, WEBP_LOSSLESS_QUALITY
 
-PNG_PARAMS = [
-    cv2.IMWRITE_PNG_COMPRESSION,
-    PNG_COMPRESS_LEVEL,
-    cv2.IMWRITE_PNG_STRATEGY,
-    cv2.IMWRITE_PNG_STRATEGY_RLE,
-    cv2.IMWRITE_PNG_FILTER,
-    cv2.IMWRITE_PNG_FILTER_UP,
-]
-# The IHDR chunk comes first in every PNG: 8-byte signature + 4 length + 4 type + 13 data + 4 CRC.
-PNG_AFTER_IHDR = 8 + 4 + 4 + 13 + 4
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# IHDR: 8-bit RGB (colour type 2), deflate, adaptive filtering (the only method), no interlace.
+PNG_BIT_DEPTH, PNG_RGB = 8, 2
+# Each row is prefixed with its filter type; Up (2) stores the difference from the row above.
+PNG_FILTER_UP = 2
 
 
 def parameters_text(prompt: str, negative_prompt: str, fields: dict[str, object]) -> str:
@@ -63,19 +58,77 @@ def png_text_chunk(keyword: str, text: str) -> bytes:
     except UnicodeEncodeError:
         # keyword, compression flag and method (none), empty language tag and translated keyword, text
         kind, data = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return _png_chunk(kind, data)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+class PngWriter:
+    """A PNG written as its rows arrive, top to bottom, so that the first rows are compressed while later
+    ones are still being made (the watermark's bands, on the CPU). No library encoder takes rows one part at
+    a time, and the format is small: the signature, IHDR, the `parameters` text chunk, the zlib stream of
+    the Up-filtered rows in IDAT chunks, IEND. Up with zlib level PNG_COMPRESS_LEVEL and the run-length
+    strategy are the settings that made libpng (through OpenCV) fastest at Pillow's file size; Python's
+    zlib does the same in the same time (bench/encoding.py), and releases the GIL while it compresses.
+
+    The file appears at `path` only when complete: it is written beside it and renamed by close(); on
+    an error, or discard(), nothing is left."""
+
+    def __init__(self, path: Path, width: int, height: int, text: str):
+        self.path, self.partial = path, path.with_name(f".{path.name}.partial")
+        self.height, self.rows_written = height, 0
+        self.file = open(self.partial, "wb")
+        header = struct.pack(">IIBBBBB", width, height, PNG_BIT_DEPTH, PNG_RGB, 0, 0, 0)
+        self.file.write(PNG_SIGNATURE + _png_chunk(b"IHDR", header) + png_text_chunk("parameters", text))
+        self.compressor = zlib.compressobj(PNG_COMPRESS_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_RLE)
+        self.row_above = np.zeros(width * 3, np.uint8)  # the first row's Up filter subtracts zeros
+
+    def write_rows(self, rows: np.ndarray) -> None:
+        """The next (k, W, 3) uint8 RGB rows."""
+        flat = rows.reshape(len(rows), -1)
+        filtered = np.empty((len(rows), flat.shape[1] + 1), np.uint8)
+        filtered[:, 0] = PNG_FILTER_UP
+        np.subtract(flat[0], self.row_above, out=filtered[0, 1:])
+        np.subtract(flat[1:], flat[:-1], out=filtered[1:, 1:])
+        self.row_above = flat[-1].copy()
+        self.rows_written += len(rows)
+        self._write_idat(self.compressor.compress(filtered))
+
+    def close(self) -> None:
+        if self.rows_written != self.height:
+            raise RuntimeError(f"PNG closed after {self.rows_written} of its {self.height} rows")
+        self._write_idat(self.compressor.flush())
+        self.file.write(_png_chunk(b"IEND", b""))
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
+
+    def _write_idat(self, data: bytes) -> None:
+        if data:
+            self.file.write(_png_chunk(b"IDAT", data))
+
+    def __enter__(self) -> PngWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if self.file.closed:
+            return
+        try:
+            if exc_type is None:
+                self.close()
+        finally:
+            if not self.path.exists() or self.partial.exists():
+                self.discard()
 
 
 def _save_png(image: np.ndarray, path: Path, quality: int, text: str) -> None:
-    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", bgr, PNG_PARAMS)
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {image.shape[1]}x{image.shape[0]} PNG")
-    png = memoryview(encoded)
-    with open(path, "wb") as f:
-        f.write(png[:PNG_AFTER_IHDR])
-        f.write(png_text_chunk("parameters", text))
-        f.write(png[PNG_AFTER_IHDR:])
+    with PngWriter(path, image.shape[1], image.shape[0], text) as png:
+        png.write_rows(image)
 
 
 def _save_jpeg(image: np.ndarray, path: Path, quality: int, text: str) -> None:
@@ -174,9 +227,53 @@ def output_paths(directory: Path, tag: str, count: int, output_format: str) -> l
     return [directory / f"{tag}-{i}.{output_format}" for i in range(count)]
 
 
+class RowFeed:
+    """One image handed to its encoder while its rows are still being made. The maker marks bands of rows
+    final, in any order (rows_ready), then ends with finish(), or finish(replacement) to have another image
+    written instead, or cancel(); the encoder takes the final rows in order as soon as there are any."""
+
+    def __init__(self, image: np.ndarray):
+        self.image = image  # (H, W, 3) uint8 RGB, filled in by the maker
+        self._changed = threading.Condition()
+        self._ready = 0  # rows 0.._ready are final
+        self._waiting_bands: dict[int, int] = {}  # final bands below a gap: top -> bottom
+        self._end: tuple[bool, np.ndarray | None] | None = None  # (cancelled, replacement) once ended
+
+    def rows_ready(self, top: int, bottom: int) -> None:
+        with self._changed:
+            self._waiting_bands[top] = bottom
+            while self._ready in self._waiting_bands:
+                self._ready = self._waiting_bands.pop(self._ready)
+            self._changed.notify_all()
+
+    def finish(self, replacement: np.ndarray | None = None) -> None:
+        self._end_with(False, replacement)
+
+    def cancel(self) -> None:
+        self._end_with(True, None)
+
+    def final_rows(self, after: int) -> int:
+        """Waits until more than `after` rows are final, or the maker has ended; the number final so far."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._ready > after or self._end is not None)
+            return self._ready
+
+    def end(self) -> tuple[bool, np.ndarray | None]:
+        """Waits for the maker's end: (cancelled, the replacement image or None)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._end is not None)
+            return self._end
+
+    def _end_with(self, cancelled: bool, replacement: np.ndarray | None) -> None:
+        with self._changed:
+            self._end = (cancelled, replacement)
+            self._changed.notify_all()
+
+
 class BackgroundEncoder:
     """Encodes each image in a worker thread as soon as it is handed over, so that image i is written while
-    the caller decodes image i+1 (OpenCV's and Pillow's encoders release the GIL)."""
+    the caller decodes image i+1 (zlib's, OpenCV's and Pillow's encoders release the GIL). A PNG can also be
+    handed over before its rows are all made (stream), and is then compressed as they come."""
 
     def __init__(self, texts: Sequence[str], directory: Path, tag: str, output_format: str, quality: int):
         self.texts, self.quality = texts, quality
@@ -187,6 +284,28 @@ class BackgroundEncoder:
 
     def submit(self, index: int, image: np.ndarray) -> None:
         self.pending.append(self.pool.submit(self.encoder, image, self.paths[index], self.quality, self.texts[index]))
+
+    def stream(self, index: int, image: np.ndarray) -> RowFeed | None:
+        """A feed for `image`, which the caller is still filling in, or None where the format needs the
+        whole image at once (JPEG, WebP): then submit() it when it is done."""
+        if self.encoder is not _save_png:
+            return None
+        feed = RowFeed(image)
+        self.pending.append(self.pool.submit(self._encode_rows, feed, index))
+        return feed
+
+    def _encode_rows(self, feed: RowFeed, index: int) -> None:
+        image, path, text = feed.image, self.paths[index], self.texts[index]
+        with PngWriter(path, image.shape[1], image.shape[0], text) as png:
+            written = 0
+            while written < len(image) and (ready := feed.final_rows(written)) > written:
+                png.write_rows(image[written:ready])
+                written = ready
+            cancelled, replacement = feed.end()
+            if cancelled or replacement is not None:
+                png.discard()  # a flagged image's rows never reach a file
+        if replacement is not None:
+            self.encoder(replacement, path, self.quality, text)
 
     def wait(self) -> list[Path]:
         """The paths, once every image handed over is written; an encoder's error is raised here."""

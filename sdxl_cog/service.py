@@ -95,6 +95,7 @@ class SDXLService:
                     options.safety_check,
                     options.apply_watermark,
                     encoder.submit,
+                    encoder.stream,
                 )
                 last_image_ready = time.perf_counter()
                 paths = encoder.wait()

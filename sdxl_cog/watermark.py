@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import cv2
@@ -44,8 +45,9 @@ HAAR = 0.7071067811865476
 SCALE = 36
 BLOCK = 4
 DWT_CROP = 4
-# Pixel rows marked at a time on the CPU: 32 rows of blocks; five float64 planes of 512 KB at 1024px wide.
-CPU_BAND_ROWS = 256
+# Pixel rows marked at a time on the CPU: 16 rows of blocks; five float64 planes of 256 KB at 1024px wide;
+# the encoder, which takes each band as it is marked, gets its first rows after about 2 ms (1024px).
+CPU_BAND_ROWS = 128
 # The four pixels of each 2x2 cell as (row, column) offsets: top left, top right, bottom left, bottom right.
 QUADRANTS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
@@ -193,17 +195,28 @@ def _mark_band(rgb: torch.Tensor, marked: torch.Tensor, top: int, bottom: int) -
 
 
 @torch.inference_mode()
-def watermark_images(rgb: torch.Tensor, helpers: Executor | None = None) -> torch.Tensor:
-    """(N, H, W, 3) uint8 RGB images, on any device, with the SDXL watermark embedded.
+def watermark_images(
+    rgb: torch.Tensor,
+    helpers: Executor | None = None,
+    out: torch.Tensor | None = None,
+    on_band: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB images, on any device, with the SDXL watermark embedded, in `out` if given.
 
     Images whose shorter side is below WATERMARK_MIN_SIDE cannot hold the mark and come back unchanged. With
     `helpers`, a thread of that executor takes bands too as soon as it is free, so that a CPU core the caller
     does not use marks part of the image; the caller never waits for a helper that has not started (it
-    takes the helper's bands itself), so a busy executor only costs the parallelism.
+    takes the helper's bands itself), so a busy executor only costs the parallelism. `on_band(top, bottom)`
+    is called, from the thread that marked them, once rows top..bottom of the result are final.
     """
     if min(rgb.shape[1:3]) < WATERMARK_MIN_SIDE:
-        return rgb
-    marked = torch.empty_like(rgb)
+        if out is None:
+            return rgb
+        out.copy_(rgb)
+        if on_band is not None:
+            on_band(0, rgb.shape[1])
+        return out
+    marked = torch.empty_like(rgb) if out is None else out
     bands = iter(_row_bands(rgb))
     taking = threading.Lock()
 
@@ -214,6 +227,8 @@ def watermark_images(rgb: torch.Tensor, helpers: Executor | None = None) -> torc
             if band is None:
                 return
             _mark_band(rgb, marked, *band)
+            if on_band is not None:
+                on_band(*band)
 
     helper = helpers.submit(mark_bands) if helpers is not None else None
     mark_bands()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import piexif
 import piexif.helper
 import pytest
 from PIL import Image
 
-from sdxl_cog.outputs import OUTPUT_FORMATS, encode_all, parameters_text, read_parameters, sweep_empty_runtime_dirs
+from sdxl_cog.outputs import (
+    OUTPUT_FORMATS,
+    BackgroundEncoder,
+    encode_all,
+    parameters_text,
+    read_parameters,
+    sweep_empty_runtime_dirs,
+)
 
 
 @pytest.fixture
@@ -21,6 +29,66 @@ def test_png_round_trips_exactly(images, tmp_path):
     paths = encode_all(images, ["p"] * 3, tmp_path, "tag", "png", 80)
     for image, path in zip(images, paths):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
+
+
+def test_opencv_decodes_our_png_to_the_same_pixels(images, tmp_path):
+    """A second, independent reader (OpenCV's libpng) besides Pillow."""
+    paths = encode_all(images, ["p"] * 3, tmp_path, "tag", "png", 80)
+    for image, path in zip(images, paths):
+        bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(bgr[:, :, ::-1], np.asarray(image))
+
+
+def gradient_photo(height: int, width: int) -> np.ndarray:
+    """Smooth with some noise, so that the compressor finds runs and matches across the bands."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(3).integers(0, 6, (height, width, 3))
+    return (np.stack([rows % 256, cols % 256, (rows + cols) % 256], -1) + noise).clip(0, 255).astype(np.uint8)
+
+
+def stream(encoder: BackgroundEncoder, image: np.ndarray, bands, replacement=None):
+    filled = np.zeros_like(image)
+    feed = encoder.stream(0, filled)
+    for top, bottom in bands:
+        filled[top:bottom] = image[top:bottom]
+        feed.rows_ready(top, bottom)
+    feed.finish(replacement)
+    return encoder.wait()[0]
+
+
+def test_a_png_streamed_in_bands_out_of_order_is_the_file_written_whole(tmp_path):
+    image = gradient_photo(300, 200)
+    (whole,) = encode_all([image], ["p"], tmp_path, "whole", "png", 80)
+    with BackgroundEncoder(["p"], tmp_path, "streamed", "png", 80) as encoder:
+        streamed = stream(encoder, image, [(100, 256), (0, 100), (256, 300)])
+    assert streamed.read_bytes() == whole.read_bytes()
+    assert np.array_equal(np.asarray(Image.open(streamed)), image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([whole.name, streamed.name])
+
+
+def test_a_streamed_png_replaced_at_its_end_holds_only_the_replacement(tmp_path):
+    """What the safety checker does to a flagged image: its rows were streamed, the file is the black one."""
+    image, black = gradient_photo(64, 96), np.zeros((64, 96, 3), np.uint8)
+    with BackgroundEncoder(["p"], tmp_path, "flagged", "png", 80) as encoder:
+        path = stream(encoder, image, [(0, 64)], replacement=black)
+    assert np.array_equal(np.asarray(Image.open(path)), black)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_cancelled_stream_leaves_no_file(tmp_path):
+    image = gradient_photo(64, 96)
+    with BackgroundEncoder(["p"], tmp_path, "cancelled", "png", 80) as encoder:
+        feed = encoder.stream(0, image)
+        feed.rows_ready(0, 32)
+        feed.cancel()
+        encoder.wait()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_lossy_formats_are_not_streamed(tmp_path, fmt):
+    with BackgroundEncoder(["p"], tmp_path, "t", fmt, 80) as encoder:
+        assert encoder.stream(0, gradient_photo(8, 8)) is None
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from sdxl_cog import images as images_module
 from sdxl_cog.config import WATERMARK_MIN_SIDE
 from sdxl_cog.finishing import Finisher
 from sdxl_cog.generate import Run, to_uint8
+from sdxl_cog.outputs import BackgroundEncoder
 from sdxl_cog.safety import SafetyChecker, _resize_like_pil_in_float, resize_like_pil
 from sdxl_cog.testing.synthetic import SAFETY_CHECKER_DIR
 from sdxl_cog.watermark import _rgb_from_formula, _yuv_from_formula, watermark_images
@@ -92,8 +93,8 @@ def test_a_batch_is_marked_like_its_images_one_by_one():
         assert np.array_equal(watermark_images(torch.from_numpy(image[None]))[0].numpy(), marked)
 
 
-# (width, height): bands of CPU_BAND_ROWS and a last short one (520 = 2 * 256 + 8), a height past the DWT's
-# crop (262: its last 2 rows are only converted) and one whose last rows of blocks are cut (1036 = 4 * 256 + 12).
+# (width, height): bands of CPU_BAND_ROWS and a last short one (520 = 4 * 128 + 8), a height past the DWT's
+# crop (262: its last 2 rows are only converted) and one whose last rows of blocks are cut (1036 = 8 * 128 + 12).
 BANDED_SIZES = [(776, 520), (256, 262), (264, 1036)]
 
 
@@ -290,9 +291,9 @@ def test_the_safety_check_and_the_watermark_of_an_image_run_at_the_same_time(mon
     """The check waits until the watermark has started: run one after the other, they would never end."""
     marking = threading.Event()
 
-    def watermark_that_signals(rgb, helpers):
+    def watermark_that_signals(*args):
         marking.set()
-        return watermark_images(rgb, helpers)
+        return watermark_images(*args)
 
     monkeypatch.setattr(finishing, "watermark_images", watermark_that_signals)
     image = photo(PHOTOS[0], (256, 256))
@@ -310,6 +311,34 @@ def test_a_flagged_image_is_black_with_the_mark_and_reaches_the_sink():
     assert flags == [True, True]
     assert all(np.array_equal(image, black_marked) for image in finished)
     assert sorted(received) == [0, 1] and all(received[i] is finished[i] for i in received)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["workers", "inline"])
+@pytest.mark.parametrize("flagged", [False, True], ids=["kept", "flagged"])
+def test_pngs_streamed_band_by_band_while_marking_hold_the_finished_images(tmp_path, monkeypatch, flagged, threads):
+    """On the CPU the encoder takes each band of rows as it is marked, never the whole image; a flagged
+    image's streamed rows are dropped and its file is the black, marked one."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # where the Finisher runs its jobs
+    images = [photo(PHOTOS[0], (512, 520)), noisy((256, 264), 4)]
+    whole_images = []
+
+    with BackgroundEncoder(["p"] * len(images), tmp_path, "t", "png", 80) as encoder:
+
+        def submit(index, image):
+            whole_images.append(index)
+            encoder.submit(index, image)
+
+        with Finisher(Run("cpu"), ScriptedChecker(flagged), True, submit, encoder.stream) as finisher:
+            for index, image in enumerate(images):
+                finisher.submit(index, torch.from_numpy(image.copy())[None])
+            finished, flags = finisher.results()
+        paths = encoder.wait()
+    assert whole_images == [] and flags == [flagged] * len(images)
+    for path, image, handed_over in zip(paths, images, finished):
+        expected = reference_watermark(np.zeros_like(image) if flagged else image)
+        assert np.array_equal(np.asarray(Image.open(path)), expected)
+        assert np.array_equal(handed_over, expected)
+    assert sorted(tmp_path.iterdir()) == sorted(paths)  # no partial file left behind
 
 
 @pytest.mark.usefixtures("one_torch_thread")
