@@ -116,14 +116,16 @@ class PngWriter:
         return self
 
     def __exit__(self, exc_type, *exc_info) -> None:
-        if self.file.closed:
+        if self.file.closed:  # closed or discarded already
+            return
+        if exc_type is not None:
+            self.discard()
             return
         try:
-            if exc_type is None:
-                self.close()
-        finally:
-            if not self.path.exists() or self.partial.exists():
-                self.discard()
+            self.close()
+        except BaseException:
+            self.discard()
+            raise
 
 
 def _save_png(image: np.ndarray, path: Path, quality: int, text: str) -> None:
