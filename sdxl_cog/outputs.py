@@ -67,8 +67,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 class PngWriter:
     """A PNG written as its rows arrive, top to bottom, so that the first rows are compressed while later
-    ones are still being made (the watermark's bands, on the CPU). No library encoder takes rows one part at
-    a time, and the format is small: the signature, IHDR, the `parameters` text chunk, the zlib stream of
+    ones are still being made (the watermark's bands, on the CPU). Neither Pillow's nor OpenCV's encoder
+    takes rows a part at a time, and the format is small: the signature, IHDR, the `parameters` text chunk, the zlib stream of
     the Up-filtered rows in IDAT chunks, IEND. Up with zlib level PNG_COMPRESS_LEVEL and the run-length
     strategy are the settings that made libpng (through OpenCV) fastest at Pillow's file size; Python's
     zlib does the same in the same time (bench/encoding.py), and releases the GIL while it compresses.

@@ -147,7 +147,7 @@ def _quantize_blocks(approx: torch.Tensor, first_block_row: int) -> None:
     approx.view(n, -1).scatter_(1, index.view(n, -1), torch.where(value >= 0, magnitude, -magnitude).view(n, -1))
 
 
-def _mark_chroma(u: torch.Tensor, first_block_row: int = 0) -> None:
+def _mark_chroma(u: torch.Tensor, first_block_row: int) -> None:
     """Steps 2-4, in place, on the (N, H, W) uint8 U channel, H and W multiples of 4, or on a band of its
     rows starting at block row `first_block_row` (pixel row 8 * first_block_row)."""
     n, height, width = u.shape
