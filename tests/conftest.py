@@ -14,9 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from sdxl_cog.config import MIN_SIDE, Settings
@@ -120,19 +117,6 @@ def half_mask(tmp_path, size, name="mask.png") -> Path:
     path = tmp_path / name
     Image.fromarray(mask).save(path)
     return path
-
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-LORA_RANK = 4
-
-
-def lora_state_dict(weights_dir: Path) -> dict[str, torch.Tensor]:
-    """PEFT-format LoRA weights for the tiny UNet, random so that they visibly change the output."""
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "base" / "unet", variant="fp16", dtype=torch.float32)
-    torch.manual_seed(0)
-    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=LORA_TARGETS)
-    unet.add_adapter(config)
-    return {k: v.contiguous() * 4 for k, v in get_peft_model_state_dict(unet).items()}
 
 
 class FakeGpuPlacement(StagedPlacement):

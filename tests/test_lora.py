@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl_cog.errors import InputError
-from tests.conftest import DEFAULT_OPTIONS, LORA_RANK, lora_state_dict, make_request, pixels
+from sdxl_cog.testing.synthetic import LORA_RANK, lora_state_dict
+from tests.conftest import DEFAULT_OPTIONS, make_request, pixels
 
 
 def _to_kohya(peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,9 +20,9 @@ from sdxl_cog.models import CheckpointCache
 from sdxl_cog.outputs import read_parameters
 from sdxl_cog.placement import module_bytes
 from sdxl_cog.service import SDXLService
-from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model
+from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model, lora_state_dict
 from sdxl_cog.weights.layout import read_manifest, verify
-from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, FakeGpuPlacement, lora_state_dict, max_diff, run
+from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, FakeGpuPlacement, max_diff, run
 
 A, B, C, TURBO = "sdxl-base", "anime", "photo", "turbo"
 

@@ -25,7 +25,8 @@ import requests
 from safetensors.torch import save_file
 
 from sdxl_cog.testing.cog_server import CogServer
-from tests.conftest import REPO_ROOT, lora_state_dict
+from sdxl_cog.testing.synthetic import lora_state_dict
+from tests.conftest import REPO_ROOT
 from tests.helpers.server import (
     BUSY_WAIT_S,
     PREDICT_TIMEOUT_S,

@@ -24,6 +24,8 @@ import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -470,3 +472,18 @@ def _make_readable(directory: Path) -> None:
 def _write_json(path: Path, data: dict, ensure_ascii: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=ensure_ascii) + "\n", encoding="utf-8")
+
+
+# A LoRA for the tiny UNet: the attention projections PEFT's SDXL LoRAs target, at a small rank.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_RANK = 4
+
+
+def lora_state_dict(weights_dir: Path) -> dict[str, torch.Tensor]:
+    """PEFT-format LoRA weights for the base UNet under `weights_dir`, random (seed 0) and scaled up so that
+    they visibly change the output. Saved with a `unet.` prefix on each key, it is a diffusers LoRA file."""
+    unet = UNet2DConditionModel.from_pretrained(weights_dir / BASE_DIR / "unet", variant="fp16", dtype=torch.float32)
+    torch.manual_seed(0)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=LORA_TARGETS)
+    unet.add_adapter(config)
+    return {k: v.contiguous() * 4 for k, v in get_peft_model_state_dict(unet).items()}
