@@ -21,7 +21,7 @@ ARG BASE_IMAGE=python:3.12-slim-bookworm
 FROM scratch AS code
 COPY cog.yaml predict.py requirements.txt /src/
 COPY sdxl_cog/ /src/sdxl_cog/
-COPY script/ /src/script/
+COPY script/download-weights /src/script/download-weights
 COPY deploy/ /src/deploy/
 
 FROM ${BASE_IMAGE}

@@ -8,7 +8,7 @@ switch without changing their requests.
 from cog import BasePredictor, Input, Path
 
 from sdxl_cog.config import Settings
-from sdxl_cog.request import build_request
+from sdxl_cog.inputs.request import build_request
 from sdxl_cog.service import OutputOptions, SDXLService
 
 # Cog's CLI reads this file without importing it (see sdxl_cog/schema/static_reader.py): every Input()

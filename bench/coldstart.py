@@ -133,10 +133,10 @@ def child_setup(root: Path, device: str) -> dict:
     predictor.setup()
     _synchronize(device)
     loaded = time.perf_counter()
-    models = predictor.service.models
-    components = chain(models.base.components.values(), models.refiner.components.values())
-    touch([*(m for m in components if hasattr(m, "parameters")), models.safety_checker.model])
-    return _timings(started, imported, loaded, time.perf_counter()) | {"phases": models.load_seconds}
+    weights = predictor.service.weights
+    components = chain(weights.checkpoints.default.model.components.values(), weights.refiner.components.values())
+    touch([*(m for m in components if hasattr(m, "parameters")), weights.safety_checker.model])
+    return _timings(started, imported, loaded, time.perf_counter()) | {"phases": weights.load_seconds}
 
 
 def child_baseline(root: Path, device: str) -> dict:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Benchmarks import the project (and its test harness, sdxl_cog/testing) from the working tree, wherever they are run from.
+# Benchmarks import the project (and the development tools, devtools/) from the working tree, wherever they are run from.
 for _path in (REPO_ROOT,):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))

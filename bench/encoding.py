@@ -3,7 +3,7 @@
     python bench/encoding.py                  # a smooth synthetic image with sensor-like noise
     python bench/encoding.py --image some.png # or any image of your own (resized to --side)
 
-For each format of sdxl_cog.outputs at the defaults a request gets (PNG with outputs.PngWriter, JPEG
+For each format of sdxl_cog/outputs at the defaults a request gets (PNG with outputs.png.PngWriter, JPEG
 and WebP at the default output_quality, WebP at 100 = lossless), through the same encoder functions
 encode_all uses (metadata attached, file written): time (median of N), file size, and whether the pixels
 survive (max abs difference and PSNR against the original). Pillow's PNG at its default zlib level 6 and at
@@ -32,18 +32,21 @@ from PIL.PngImagePlugin import PngInfo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, print_header, print_table, ratio, spread  # noqa: E402
 
-from sdxl_cog import outputs  # noqa: E402
-from sdxl_cog.config import DEFAULT_OUTPUT_QUALITY, DEFAULT_SIDE, PNG_COMPRESS_LEVEL  # noqa: E402
-from sdxl_cog.watermark import apply_watermark  # noqa: E402
+from sdxl_cog.config import DEFAULT_OUTPUT_QUALITY, PNG_COMPRESS_LEVEL, WEBP_LOSSLESS_QUALITY  # noqa: E402
+from sdxl_cog.finishing.watermark import apply_watermark  # noqa: E402
+from sdxl_cog.outputs.encoder import encode_all  # noqa: E402
+from sdxl_cog.outputs.formats import ENCODERS, OUTPUT_FORMATS  # noqa: E402
+from sdxl_cog.outputs.metadata import parameters_text, png_text_chunk, read_parameters  # noqa: E402
+from sdxl_cog.weights.profiles import SDXL_SIDE  # noqa: E402
 
-# Pillow's own default zlib level for PNG: the reference for outputs.PNG_COMPRESS_LEVEL.
+# Pillow's own default zlib level for PNG: the reference for config.PNG_COMPRESS_LEVEL.
 PILLOW_DEFAULT_PNG_LEVEL = 6
 # Noise like a generated image's fine texture: a few grey levels, neither flat (compresses to nothing)
 # nor pure noise (incompressible). Both extremes would flatter or punish one format.
 NOISE_STD = 3.0
 BATCH = 4
 # A typical A1111 parameters string, as service.py embeds it.
-TEXT = outputs.parameters_text(
+TEXT = parameters_text(
     "An astronaut riding a rainbow unicorn, cinematic, dramatic lighting, highly detailed",
     "blurry, low quality",
     {"Steps": 30, "Sampler": "Euler", "CFG scale": 7.5, "Seed": 1234, "Size": "1024x1024", "Model": "sdxl"},
@@ -85,7 +88,7 @@ def _cv2_name(prefix: str, value: int) -> str:
     return next(n.removeprefix(prefix) for n in dir(cv2) if n.startswith(prefix) and getattr(cv2, n) == value)
 
 
-# What outputs.PngWriter does, in OpenCV's terms: zlib level PNG_COMPRESS_LEVEL, run-length strategy, Up filter.
+# What outputs.png.PngWriter does, in OpenCV's terms: zlib level PNG_COMPRESS_LEVEL, run-length strategy, Up filter.
 OPENCV_PNG_AS_OUR_WRITER = [
     cv2.IMWRITE_PNG_COMPRESSION,
     PNG_COMPRESS_LEVEL,
@@ -97,7 +100,7 @@ OPENCV_PNG_AS_OUR_WRITER = [
 
 
 def png_settings() -> str:
-    """The encoder settings outputs.py writes PNG with, named from OpenCV's constants."""
+    """The encoder settings sdxl_cog/outputs/png.py writes PNG with, named from OpenCV's constants."""
     options = dict(zip(OPENCV_PNG_AS_OUR_WRITER[::2], OPENCV_PNG_AS_OUR_WRITER[1::2]))
     strategy = _cv2_name("IMWRITE_PNG_STRATEGY_", options[cv2.IMWRITE_PNG_STRATEGY])
     row_filter = _cv2_name("IMWRITE_PNG_FILTER_", options[cv2.IMWRITE_PNG_FILTER])
@@ -110,7 +113,7 @@ def _save_png_opencv(image: np.ndarray, path: Path, quality: int, text: str) -> 
     assert ok
     after_ihdr = 8 + 4 + 4 + 13 + 4  # signature, IHDR length, type, data and CRC
     path.write_bytes(
-        encoded[:after_ihdr].tobytes() + outputs.png_text_chunk("parameters", text) + encoded[after_ihdr:].tobytes()
+        encoded[:after_ihdr].tobytes() + png_text_chunk("parameters", text) + encoded[after_ihdr:].tobytes()
     )
 
 
@@ -124,22 +127,24 @@ def _save_png_pillow_fastest(image: np.ndarray, path: Path, quality: int, text: 
 def cases() -> list[tuple[str, str, object, int]]:
     """(label, file extension, encoder, quality): every output format at its defaults, plus the PNG reference."""
     rows = [
-        (f"png ({png_settings()}, outputs.PngWriter)", "png", outputs.ENCODERS["png"], 0),
-        (f"jpg (quality={DEFAULT_OUTPUT_QUALITY})", "jpg", outputs.ENCODERS["jpg"], DEFAULT_OUTPUT_QUALITY),
-        (f"webp (quality={DEFAULT_OUTPUT_QUALITY})", "webp", outputs.ENCODERS["webp"], DEFAULT_OUTPUT_QUALITY),
+        (f"png ({png_settings()}, outputs.png.PngWriter)", "png", ENCODERS["png"], 0),
+        (f"jpg (quality={DEFAULT_OUTPUT_QUALITY})", "jpg", ENCODERS["jpg"], DEFAULT_OUTPUT_QUALITY),
+        (f"webp (quality={DEFAULT_OUTPUT_QUALITY})", "webp", ENCODERS["webp"], DEFAULT_OUTPUT_QUALITY),
         (
-            f"webp (quality={outputs.WEBP_LOSSLESS_QUALITY}, lossless)",
+            f"webp (quality={WEBP_LOSSLESS_QUALITY}, lossless)",
             "webp",
-            outputs.ENCODERS["webp"],
-            outputs.WEBP_LOSSLESS_QUALITY,
+            ENCODERS["webp"],
+            WEBP_LOSSLESS_QUALITY,
         ),
         (f"png reference (Pillow default level {PILLOW_DEFAULT_PNG_LEVEL})", "png", _save_png_pillow_default, 0),
         ("png reference (Pillow level 1, Z_RLE: its fastest)", "png", _save_png_pillow_fastest, 0),
         (f"png reference (OpenCV libpng, {png_settings()})", "png", _save_png_opencv, 0),
     ]
-    missing = set(outputs.OUTPUT_FORMATS) - {ext for _, ext, _, _ in rows}
+    missing = set(OUTPUT_FORMATS) - {ext for _, ext, _, _ in rows}
     if missing:
-        raise SystemExit(f"outputs.py has formats this benchmark does not cover yet: {sorted(missing)}")
+        raise SystemExit(
+            f"sdxl_cog/outputs/formats.py has formats this benchmark does not cover yet: {sorted(missing)}"
+        )
     return rows
 
 
@@ -160,7 +165,7 @@ def bench_formats(image: Image.Image, scratch: Path, repeat: int) -> None:
         times = time_encoder(encoder, np.asarray(image), path, quality, repeat)
         with Image.open(path) as decoded:
             max_diff, quality_text = fidelity(image, decoded)
-        has_text = TEXT in outputs.read_parameters(path)
+        has_text = TEXT in read_parameters(path)
         rows.append([label, spread(times), f"{path.stat().st_size / 1e6:.2f}", quality_text, max_diff, has_text])
     print("### One 1024x1024 image, encode + metadata + write")
     print_table(["format", "seconds, median (min-max)", "MB", "quality", "max abs diff", "metadata read back"], rows)
@@ -169,8 +174,8 @@ def bench_formats(image: Image.Image, scratch: Path, repeat: int) -> None:
 def bench_parallel(images: list[Image.Image], scratch: Path, repeat: int) -> None:
     rows = []
     texts = [TEXT] * len(images)
-    for fmt in outputs.OUTPUT_FORMATS:
-        encoder, quality = outputs.ENCODERS[fmt], DEFAULT_OUTPUT_QUALITY
+    for fmt in OUTPUT_FORMATS:
+        encoder, quality = ENCODERS[fmt], DEFAULT_OUTPUT_QUALITY
         sequential, parallel = [], []
         for i in range(repeat):
             started = time.perf_counter()
@@ -178,7 +183,7 @@ def bench_parallel(images: list[Image.Image], scratch: Path, repeat: int) -> Non
                 encoder(np.asarray(image), scratch / f"seq-{j}.{fmt}", quality, TEXT)
             sequential.append(time.perf_counter() - started)
             started = time.perf_counter()
-            outputs.encode_all(images, texts, scratch, f"par{i}", fmt, quality)
+            encode_all(images, texts, scratch, f"par{i}", fmt, quality)
             parallel.append(time.perf_counter() - started)
         rows.append([fmt, spread(sequential), spread(parallel), ratio(median(sequential), median(parallel))])
     print(f"### {len(images)} images: {len(images)} sequential encodes vs encode_all (thread pool)")
@@ -237,7 +242,7 @@ def bench_watermark(image: Image.Image, repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=Path, help="encode this image (resized to --side) instead of a synthetic one")
-    parser.add_argument("--side", type=int, default=DEFAULT_SIDE, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--side", type=int, default=SDXL_SIDE, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=7, help="timed encodes per case (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -42,10 +42,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GIB, median, print_header, print_table, ratio  # noqa: E402
 
-from sdxl_cog.config import DEFAULT_HIGH_NOISE_FRAC, DEFAULT_SIDE, Settings  # noqa: E402
-from sdxl_cog.request import build_request  # noqa: E402
+from sdxl_cog.config import DEFAULT_HIGH_NOISE_FRAC, Settings  # noqa: E402
+from sdxl_cog.inputs.request import build_request  # noqa: E402
 from sdxl_cog.service import OutputOptions, SDXLService  # noqa: E402
 from sdxl_cog.weights import layout  # noqa: E402
+from sdxl_cog.weights.profiles import SDXL_SIDE  # noqa: E402
 
 PROMPT = "an astronaut riding a rainbow unicorn, cinematic"
 SEED = 1234
@@ -315,7 +316,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, required=True, help="full-size weights (script/make-test-weights)")
     parser.add_argument("--device", default="cuda", help="default: %(default)s (cpu only to smoke-test the script)")
-    parser.add_argument("--side", type=int, default=DEFAULT_SIDE, help="image side (default: %(default)s)")
+    parser.add_argument("--side", type=int, default=SDXL_SIDE, help="image side (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (default: %(default)s)")
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4], help="default: 1,4")
     parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help="default: base,ensemble")

@@ -45,7 +45,7 @@ def main() -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdxl_cog.models import CheckpointCache
+    from sdxl_cog.checkpoints.cache import CheckpointCache
 
     folder = args.weights / "models" / args.model
     unet_file = folder / UNET

@@ -10,7 +10,7 @@
    interleaved after a warm-up; the like-for-like image must equal the bare pipeline's, pixel for pixel,
    or the comparison is not of the same work. Wall time and process CPU time are both reported: on a
    machine shared with other work, CPU time is the steadier measure of the work done.
-2. Over HTTP: POST /predictions to the real Cog server (coglet, via sdxl_cog/testing/cog_server.py) on a loopback
+2. Over HTTP: POST /predictions to the real Cog server (coglet, via devtools/cog_server.py) on a loopback
    port, against the in-process predict() of step 1 with the same inputs, and against the server's own
    `total_time` metric for the same request. The base64 of the output, which the response has to carry,
    is timed on its own.
@@ -35,10 +35,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, median, print_header, print_table, ratio, spread  # noqa: E402
 
+from devtools.synthetic import make_weights  # noqa: E402
 from sdxl_cog.config import Settings  # noqa: E402
-from sdxl_cog.request import build_request  # noqa: E402
+from sdxl_cog.inputs.request import build_request  # noqa: E402
 from sdxl_cog.service import OutputOptions, SDXLService  # noqa: E402
-from sdxl_cog.testing.synthetic import make_weights  # noqa: E402
 from sdxl_cog.weights import layout  # noqa: E402
 
 PROMPT = "an astronaut riding a rainbow unicorn, cinematic"
@@ -159,7 +159,7 @@ def bench_in_process(service: SDXLService, pipe, args) -> None:
 
 
 def bench_http(service: SDXLService, root: Path, scratch: Path, args) -> None:
-    from sdxl_cog.testing.cog_server import CogServer
+    from devtools.cog_server import CogServer
 
     inputs = request_inputs(args.side, args.steps)
     request, options = build(inputs), OutputOptions("png", 80, apply_watermark=True, safety_check=True)

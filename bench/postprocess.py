@@ -47,11 +47,12 @@ from transformers import CLIPConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, median, print_header, print_table, ratio  # noqa: E402
 
-from sdxl_cog.generate import Run, finish_images, to_uint8  # noqa: E402
-from sdxl_cog.outputs import ENCODERS, BackgroundEncoder  # noqa: E402
-from sdxl_cog.safety import SafetyChecker, blacken_flagged  # noqa: E402
-from sdxl_cog.testing import synthetic  # noqa: E402
-from sdxl_cog.watermark import watermark_images  # noqa: E402
+from devtools import synthetic  # noqa: E402
+from sdxl_cog.finishing.safety import SafetyChecker, blacken_flagged  # noqa: E402
+from sdxl_cog.finishing.watermark import watermark_images  # noqa: E402
+from sdxl_cog.generation.generate import Run, finish_images, to_uint8  # noqa: E402
+from sdxl_cog.outputs.encoder import BackgroundEncoder  # noqa: E402
+from sdxl_cog.outputs.formats import ENCODERS
 
 BEFORE_COMMIT = "1311882"
 PHOTO = "grace_hopper.jpg"

@@ -29,7 +29,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, print_header, print_table  # noqa: E402
 
-from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, CogServer  # noqa: E402
+from devtools.cog_server import DUMMY_PREDICTOR_REF, CogServer  # noqa: E402
 
 READY_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 120
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             ref, inputs = PREDICTORS[name]
             env = {}
             if name == "sdxl":
-                from sdxl_cog.testing.synthetic import make_weights  # torch: only when predict.py is measured
+                from devtools.synthetic import make_weights  # torch: only when predict.py is measured
 
                 make_weights(Path(scratch) / "weights", size="tiny", seed=0)
                 env = {"SDXL_WEIGHTS_DIR": str(Path(scratch) / "weights"), "SDXL_OUTPUT_DIR": f"{scratch}/outputs"}

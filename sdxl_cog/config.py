@@ -1,6 +1,12 @@
-"""Every tunable of the server in one place: input bounds shared by predict.py and the engine, and the
-environment variables an operator sets. Each constant says where its number comes from. Importing it needs no
-torch (scripts and tools read it); Settings.from_env, run in setup(), resolves the device and dtype."""
+"""Every tunable of the server in one place: input bounds shared by predict.py and the engine, the numbers the
+engine chose (sizes, limits, thresholds), and the environment variables an operator sets. Each constant says where
+its number comes from. Importing it needs no torch (scripts and tools read it); Settings.from_env, run in setup(),
+resolves the device and dtype.
+
+What stays beside its code is not a choice but a fact of a format or an algorithm we must match: the watermark's
+reference parameters (finishing/watermark.py: invisible-watermark's scale, block and OpenCV's YUV coefficients),
+PNG's byte layout (outputs/png.py), the two finishing jobs per image (finishing/finisher.py: one worker each), the
+order diffusers loads files in (checkpoints/prefetch.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +20,13 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# --- Input bounds the engine relies on ------------------------------------------------------------------
+# --- Input bounds the engine relies on ---------------------------------------------------------------------------
 # predict.py declares the API (Cog reads it statically, so there they are literals); tests/test_schema.py
 # fails if these copies differ from it.
 # SDXL was trained at about one megapixel; 2048 is the largest side that still fits a 24 GB GPU at
 # batch 1 with the refiner. 128 is the smallest size the UNet's three resolution levels handle.
 MIN_SIDE = 128
 MAX_SIDE = 2048
-DEFAULT_SIDE = 1024
 # The VAE downsamples by 8, so pixel sizes must be multiples of 8.
 SIDE_MULTIPLE = 8
 MAX_SEED = 2**32 - 1
@@ -47,13 +52,17 @@ MAX_PROMPT_CHARS = MAX_PROMPT_TOKENS * CHARS_PER_TOKEN_CEILING
 
 # Below this side the invisible watermark (DWT-DCT) cannot hold its 48 bits; diffusers skips it too.
 WATERMARK_MIN_SIDE = 256
+# Pixel rows watermarked at a time on the CPU (finishing/watermark.py): 16 rows of 4x4 blocks, a multiple of the
+# DWT's 8-pixel cells; five float64 planes of 256 KB at 1024px wide stay in cache, and the PNG encoder, which takes
+# each band as it is marked, gets its first rows after about 2 ms (1024px).
+WATERMARK_CPU_BAND_ROWS = 128
 
 
-# --- Units --------------------------------------------------------------------------------------------------
+# --- Units -------------------------------------------------------------------------------------------------------
 MEGAPIXEL = 1024 * 1024
 GIB = 1024**3
 
-# --- Input images (images.py, uploads.py) -------------------------------------------------------------------
+# --- Input images (inputs/images.py, inputs/uploads.py) ----------------------------------------------------------
 # Far above any useful SDXL input (SDXL works at ~1 MP), far below what a decompression bomb declares.
 MAX_INPUT_PIXELS = 50_000_000
 # Masks are binarised at half intensity: white (>= 128) is repainted, black is kept.
@@ -62,7 +71,7 @@ MASK_THRESHOLD = 128
 # file is written to on every chunk: a file untouched for an hour belongs to no download in flight.
 STALE_INPUT_AGE_S = 3600
 
-# --- The GPU memory budget (memory.py): estimates, to calibrate on a GPU with bench/generation_gpu.py -------
+# --- The GPU memory budget (device/memory.py): estimates, to calibrate on a GPU with bench/generation_gpu.py -----
 # Per image and megapixel, both CFG halves included (fp16, SDPA).
 UNET_ACTIVATION_BYTES_PER_MEGAPIXEL = int(1.0 * GIB)
 # Peak of one VAE decode per megapixel (fp16); the mid-block attention dominates.
@@ -79,14 +88,19 @@ RESERVE_BYTES = int(1.5 * GIB)
 # (the issue's "base + refiner fit a 24 GB GPU at 1024x1024 with num_outputs 4").
 REFERENCE_REQUEST = dict(width=1024, height=1024, num_outputs=4)
 
-# --- LoRA downloads (lora.py) -------------------------------------------------------------------------------
+# --- Loading (checkpoints/prefetch.py) ---------------------------------------------------------------------------
+# Prefetching more than the page cache can hold would evict the first files before setup() reads them, and read
+# them twice; leave room for the process itself.
+PREFETCH_CACHE_FRACTION = 0.8
+
+# --- LoRA downloads (checkpoints/lora.py) ------------------------------------------------------------------------
 # Hub and CDN links redirect once or twice (a Hugging Face resolve URL to its CDN): more is a loop.
 MAX_REDIRECTS = 5
 # The socket waits at most this long for the next bytes, so the deadline is checked at least this
 # often and overshot by at most this much (a healthy server never pauses 10 s mid-file).
 STALL_TIMEOUT_S = 10.0
 
-# --- Outputs (outputs.py) -----------------------------------------------------------------------------------
+# --- Outputs (outputs/) ------------------------------------------------------------------------------------------
 # PNG stays lossless, and its encode sits on every request's critical path. Pillow's encoder tries four
 # filters on every row and keeps the best, which alone costs ~60 ms for a 1024px image and cannot be
 # turned off. A fixed filter does not: the Up filter with zlib level 1 and the run-length strategy gives the

@@ -3,27 +3,26 @@ Cog so that tests and benchmarks can drive it directly."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .catalog import Checkpoint
-from .config import Settings
-from .errors import InputError
-from .generate import generate
-from .gpu_memory import PeakMemoryMeter
-from .lora import LoraAdapters
-from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
-from .outputs import BackgroundEncoder, OutputDirectory, parameters_text
-from .pipelines import load_models
-from .profiles import Profile
-from .prompts import check_prompt_lengths
-from .request import GenerationRequest, Refine
-from .schedulers import SCHEDULERS
-from .uploads import claim_input_dir, sweep_stale_inputs
+from sdxl_cog.checkpoints.checkpoint import Checkpoint
+from sdxl_cog.checkpoints.loading import load_weights
+from sdxl_cog.config import Settings
+from sdxl_cog.device.memory import MemoryBudget, PeakMemoryMeter, gpu_capacity, out_of_memory_error, release_memory
+from sdxl_cog.errors import InputError
+from sdxl_cog.generation.generate import generate
+from sdxl_cog.generation.prompts import check_prompt_lengths
+from sdxl_cog.generation.schedulers import SCHEDULERS
+from sdxl_cog.inputs.request import GenerationRequest, Refine
+from sdxl_cog.inputs.uploads import claim_input_dir, sweep_stale_inputs
+from sdxl_cog.outputs.directory import OutputDirectory
+from sdxl_cog.outputs.encoder import BackgroundEncoder
+from sdxl_cog.outputs.metadata import parameters_text
+from sdxl_cog.weights.profiles import Profile
 
 
 @dataclass(frozen=True)
@@ -43,30 +42,23 @@ class Prediction:
 class SDXLService:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.models = load_models(settings)
-        self.loras = LoraAdapters(self.models.base_pipeline, settings)
-        registry = self.models.registry
-        # Each checkpoint carries its own LoRA adapters (on its own modules); the default's are self.loras.
-        self.checkpoint_loras = {registry.default: self.loras} | {
-            name: LoraAdapters(pipe, settings)
-            for name, pipe in self.models.checkpoint_pipelines.items()
-            if name != registry.default
-        }
+        self.weights = load_weights(settings)
+        self.checkpoints = self.weights.checkpoints
         self.outputs = OutputDirectory(settings.output_dir, settings.output_keep)
         claim_input_dir(settings.input_dir)
-        self.budget = MemoryBudget(gpu_capacity(settings.device), self.models.placement.peak_bytes)
+        self.budget = MemoryBudget(gpu_capacity(settings.device), self.weights.placement.peak_bytes)
         self.gpu_memory = PeakMemoryMeter.for_device(settings.device)
 
     def profile(self, model: str | None) -> Profile:
         """The defaults of the checkpoint `model` names (None: the default one); InputError if there is none."""
-        return self.models.registry.profiles[self.models.registry.resolve(model).name]
+        return self.checkpoints.resolve(model).profile
 
     def predict(
         self, req: GenerationRequest, options: OutputOptions, lora: str | None, lora_scale: float
     ) -> Prediction:
         self.settings.prediction_marker.touch()  # for the liveness probe: a prediction did start
-        checkpoint = self.models.registry.resolve(req.model)
-        prompt_tokens = check_prompt_lengths(self._tokenizers(), req.prompt, req.negative_prompt)
+        checkpoint = self.checkpoints.resolve(req.model)
+        prompt_tokens = check_prompt_lengths(self._tokenizers(checkpoint, req), req.prompt, req.negative_prompt)
         self.budget.check(req, prompt_tokens)
         if lora and not req.refine.runs_base:
             # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.
@@ -81,15 +73,14 @@ class SDXLService:
             for seed in req.seeds
         ]
         out_of_memory = False
-        loras = self.checkpoint_loras[checkpoint.name]
         try:
-            load_seconds = self.models.registry.activate(checkpoint.name)
-            models = dataclasses.replace(self.models, base=self.models.registry.models[checkpoint.name])
-            loras.activate(lora, lora_scale)
+            load_seconds = self.checkpoints.activate(checkpoint)
+            checkpoint.loras.activate(lora, lora_scale)
             # Each image is encoded in the background as soon as it is ready, while the next one decodes.
             with BackgroundEncoder(texts, directory, tag, options.output_format, options.output_quality) as encoder:
                 result = generate(
-                    models,
+                    self.weights,
+                    checkpoint.model,
                     req,
                     self.settings.device,
                     options.safety_check,
@@ -103,7 +94,7 @@ class SDXLService:
             out_of_memory = True
         finally:
             # A request's LoRA never outlives it, whether it succeeded, failed or was cancelled.
-            loras.deactivate()
+            checkpoint.loras.deactivate()
         if out_of_memory:
             # Outside the except block, so the failed request's tensors are no longer referenced.
             release_memory(self.settings.device)
@@ -135,9 +126,10 @@ class SDXLService:
         }
         return Prediction(paths, metrics)
 
-    def _tokenizers(self) -> list:
-        components = self.models.base.components
-        return [components[name] for name in ("tokenizer", "tokenizer_2") if components.get(name) is not None]
+    def _tokenizers(self, checkpoint: Checkpoint, req: GenerationRequest) -> list:
+        """The tokenizers of the stages this request runs: the prompt must fit each of them."""
+        tokenizers = checkpoint.model.tokenizers() if req.refine.runs_base else []
+        return tokenizers + (self.weights.refiner.tokenizers() if req.refine.runs_refiner else [])
 
     def _fields(
         self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float, checkpoint: Checkpoint
@@ -152,8 +144,8 @@ class SDXLService:
             "Size": f"{req.width}x{req.height}",
         }
         # A1111's order: the hash, then the name.
-        if checkpoint.short_hash:
-            fields["Model hash"] = checkpoint.short_hash
+        if checkpoint.entry.short_hash:
+            fields["Model hash"] = checkpoint.entry.short_hash
         fields["Model"] = checkpoint.name
         if not req.refine.runs_base:
             # Only the refiner ran: its steps and strength are the generation's.

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools.synthetic import make_weights
 from sdxl_cog.config import MIN_SIDE, Settings
-from sdxl_cog.placement import StagedPlacement
-from sdxl_cog.request import build_request
+from sdxl_cog.device.placement import StagedPlacement
+from sdxl_cog.inputs.request import build_request
 from sdxl_cog.service import OutputOptions, SDXLService
-from sdxl_cog.testing.synthetic import make_weights
 
 # The helpers' asserts report their operands, as a test module's do.
 pytest.register_assert_rewrite("tests.helpers")
@@ -86,10 +86,11 @@ def run(service, options=DEFAULT_OPTIONS, lora=None, lora_scale=0.6, **overrides
 @contextmanager
 def count_unet_calls(service):
     """The calls of the base's and the refiner's UNets while the block runs."""
-    counts = {"base": 0, "refiner": 0}
+    unets = {"base": service.checkpoints.default.model, "refiner": service.weights.refiner}
+    counts = dict.fromkeys(unets, 0)
     hooks = []
-    for name in counts:
-        unet = getattr(service.models, name).components["unet"]
+    for name, model in unets.items():
+        unet = model.components["unet"]
 
         def hook(module, args, output, name=name):
             counts[name] += 1

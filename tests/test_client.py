@@ -16,8 +16,8 @@ import pytest
 import requests
 from PIL import Image
 
-from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
-from sdxl_cog.testing.gateway import Gateway, nginx_available
+from devtools.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
+from devtools.gateway import Gateway, nginx_available
 
 CLIENT = REPO_ROOT / "test_request.py"
 GATED_REF = f"{REPO_ROOT / 'tests/fixtures/probe_predictors.py'}:Gated"

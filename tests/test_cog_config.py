@@ -8,8 +8,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from devtools.cog_server import REPO_ROOT
 from sdxl_cog.schema.openapi import cog_version
-from sdxl_cog.testing.cog_server import REPO_ROOT
 
 # Cog's JSON Schema for cog.yaml (replicate/cog pkg/config/data/config_schema_v1.0.json, August 2026).
 COG_CONFIG_SCHEMA = Path(__file__).parent / "fixtures" / "cog_config_schema_v1.0.json"

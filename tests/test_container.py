@@ -35,7 +35,7 @@ import requests
 import yaml
 from PIL import Image
 
-from sdxl_cog.testing.cog_server import free_port
+from devtools.cog_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SDXL_CI_CACHE") or Path.home() / ".cache" / "sdxl-cog-ci")
@@ -369,6 +369,28 @@ def test_the_image_serves_predictions_and_validates_inputs(workspace, first_buil
     healthcheck = first_build.config["config"]["Healthcheck"]["Test"][1:]
     output = workspace.store("run", "--isolation", "chroot", "--env", f"PORT={port}", container, "--", *healthcheck)
     assert "READY" in output
+
+
+def test_each_script_the_image_ships_runs_there(workspace, server):
+    """What ships runs where it ships: the image has requirements.txt's packages and no development tools."""
+    url, container, port = server
+
+    def inside(*command: str) -> str:
+        return workspace.store("run", "--isolation", "chroot", container, "--", *command)
+
+    assert inside("ls", "/src").split() == [
+        "cog.yaml",
+        "deploy",
+        "predict.py",
+        "requirements.txt",
+        "sdxl_cog",
+        "script",
+        "weights",
+    ]
+    scripts = inside("ls", "/src/script").split()
+    assert scripts == ["download-weights"]
+    for script in scripts:
+        assert "usage" in inside(f"/src/script/{script}", "--help").lower()
 
 
 # -- registry: push, pull back, code-only change ----------------------------------------------------

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import requests
 
-from sdxl_cog.testing.cog_server import REPO_ROOT, CogServer, free_port
+from devtools.cog_server import REPO_ROOT, CogServer, free_port
 from tests.helpers.deploy import (
     FIXTURES,
     IMAGE_ROOT,

@@ -13,8 +13,8 @@ import time
 import pytest
 import requests
 
+from devtools.cog_server import CogServer, free_port
 from sdxl_cog.config import Settings
-from sdxl_cog.testing.cog_server import CogServer, free_port
 from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, make_request
 from tests.helpers.deploy import FIXTURES, by_kind, documents, drain_command, model_container, probe, run_probe
 from tests.helpers.server import Webhooks

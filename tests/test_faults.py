@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools.cog_server import CogServer
+from devtools.synthetic import make_weights
+from sdxl_cog.device.memory import GIB, MemoryBudget
 from sdxl_cog.errors import InputError
-from sdxl_cog.memory import GIB, MemoryBudget
 from sdxl_cog.service import SDXLService
-from sdxl_cog.testing.cog_server import CogServer
-from sdxl_cog.testing.synthetic import make_weights
 from sdxl_cog.weights.layout import WeightsError, read_manifest
 from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, TEST_SIDE, make_request, pixels
 
@@ -28,7 +28,7 @@ def generate(service, **overrides) -> np.ndarray:
 
 def test_out_of_memory_fails_the_request_clearly_and_the_next_one_succeeds(service, monkeypatch):
     reference = generate(service)
-    unet = service.models.base.components["unet"]
+    unet = service.checkpoints.default.model.components["unet"]
 
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -77,7 +77,7 @@ def test_files_beside_the_weights_never_break_setup(settings, tmp_path):
     (root / "loras" / "style.safetensors").write_bytes(b"an operator's LoRA")
     (root / "NOTES.txt").write_text("added later")
     service = SDXLService(dataclasses.replace(settings, weights_dir=root, verify_weights_hash=True))
-    assert service.models is not None
+    assert service.weights is not None
     path = root / UNET_FILE
     path.write_bytes(path.read_bytes()[:-100])  # a changed weight still fails
     with pytest.raises(WeightsError, match=rf"{UNET_FILE} has \d+ bytes, the manifest says \d+"):

@@ -14,8 +14,8 @@ import pytest
 import requests
 from PIL import Image
 
-from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
-from sdxl_cog.testing.gateway import Gateway, GatewayError, nginx_available, nobody_readable_dir
+from devtools.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
+from devtools.gateway import Gateway, GatewayError, nginx_available, nobody_readable_dir
 
 pytestmark = [
     pytest.mark.gateway,

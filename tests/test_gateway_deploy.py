@@ -12,8 +12,8 @@ import pytest
 import requests
 import yaml
 
-from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer
-from sdxl_cog.testing.gateway import Gateway, nginx_available, nobody_readable_dir
+from devtools.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer
+from devtools.gateway import Gateway, nginx_available, nobody_readable_dir
 from tests.helpers.deploy import K8S_VERSIONS, by_kind, documents, model_container, pod_specs
 
 GATEWAY = REPO_ROOT / "gateway"

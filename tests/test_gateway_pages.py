@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_cog.testing.cog_server import REPO_ROOT, CogServer
-from sdxl_cog.testing.gateway import Gateway, nginx_available
+from devtools.cog_server import REPO_ROOT, CogServer
+from devtools.gateway import Gateway, nginx_available
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -18,9 +18,10 @@ from diffusers import (
 )
 from PIL import Image
 
-from sdxl_cog.outputs import OutputDirectory, read_parameters
-from sdxl_cog.pipelines import Model
-from sdxl_cog.schedulers import SCHEDULERS
+from sdxl_cog.generation import generate as generate_module
+from sdxl_cog.generation.schedulers import SCHEDULERS
+from sdxl_cog.outputs.directory import OutputDirectory
+from sdxl_cog.outputs.metadata import read_parameters
 from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, count_unet_calls, half_mask, max_diff, pixels, run, source_image
 
 
@@ -93,14 +94,14 @@ def test_the_table_covers_every_choice():
 
 @pytest.mark.parametrize("name", list(EXPECTED_SCHEDULERS))
 def test_each_scheduler_builds_the_class_and_options_it_names(service, monkeypatch, name):
-    built, pipeline = [], Model.pipeline
+    built, stage_pipeline = [], generate_module.stage_pipeline
 
-    def spy(self, mode, scheduler_name):
-        pipe = pipeline(self, mode, scheduler_name)
+    def spy(model, mode, scheduler_name):
+        pipe = stage_pipeline(model, mode, scheduler_name)
         built.append(pipe.scheduler)
         return pipe
 
-    monkeypatch.setattr(Model, "pipeline", spy)
+    monkeypatch.setattr(generate_module, "stage_pipeline", spy)
     result = run(service, scheduler=name, num_inference_steps=3)
     cls, options = EXPECTED_SCHEDULERS[name]
     [scheduler] = built

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_cog.gpu_memory import PeakMemoryMeter
-from sdxl_cog.memory import GIB
+from sdxl_cog.device.memory import GIB, PeakMemoryMeter
 from tests.conftest import run
 
 KEYS = {"gpu_peak_memory_bytes", "gpu_memory_fraction"}

@@ -17,12 +17,13 @@ from cog.types import Path as CogPath
 from PIL import Image
 
 from sdxl_cog.config import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
+from sdxl_cog.device.memory import GIB, MemoryBudget, out_of_memory_error
 from sdxl_cog.errors import InputError
-from sdxl_cog.memory import GIB, MemoryBudget, out_of_memory_error
-from sdxl_cog.outputs import OutputDirectory, sweep_empty_runtime_dirs
-from sdxl_cog.prompts import check_prompt_lengths
-from sdxl_cog.request import build_request
-from sdxl_cog.uploads import claim_input_dir, client_file, refusal, sweep_stale_inputs
+from sdxl_cog.generation.prompts import check_prompt_lengths
+from sdxl_cog.inputs.request import build_request
+from sdxl_cog.inputs.uploads import claim_input_dir, client_file, refusal, sweep_stale_inputs
+from sdxl_cog.outputs.coglet_leftovers import sweep_empty_runtime_dirs
+from sdxl_cog.outputs.directory import OutputDirectory
 from tests.conftest import DEFAULT_OPTIONS, REQUEST_DEFAULTS, make_request
 
 
@@ -112,7 +113,7 @@ def test_stale_leftovers_of_failed_downloads_are_swept_and_nothing_else(input_di
 
 
 def tokenizers(service):
-    return [service.models.base.components[name] for name in ("tokenizer", "tokenizer_2")]
+    return [service.checkpoints.default.model.components[name] for name in ("tokenizer", "tokenizer_2")]
 
 
 def test_prompt_length_is_counted_in_tokens_and_bounded(service):
@@ -129,7 +130,7 @@ def test_a_prompt_over_the_budget_is_refused_before_any_work(service, monkeypatc
     def must_not_run(*args, **kwargs):
         raise AssertionError("the UNet ran for a refused request")
 
-    monkeypatch.setattr(service.models.base.components["unet"], "forward", must_not_run)
+    monkeypatch.setattr(service.checkpoints.default.model.components["unet"], "forward", must_not_run)
     with pytest.raises(InputError, match="prompt is 751 tokens long"):
         service.predict(make_request(prompt="p" * 751), DEFAULT_OPTIONS, None, 0.6)
 
@@ -155,7 +156,7 @@ def test_out_of_memory_on_a_long_prompt_names_the_prompt(service, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(service.models.base.components["unet"], "forward", exhausted)
+    monkeypatch.setattr(service.checkpoints.default.model.components["unet"], "forward", exhausted)
     with pytest.raises(InputError, match=r"from a 200-token prompt \(3 chunks of 75\): .* shorten the prompt"):
         service.predict(make_request(prompt="q" * 200), DEFAULT_OPTIONS, None, 0.6)
 

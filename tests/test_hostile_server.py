@@ -15,9 +15,9 @@ import pytest
 import requests
 from PIL import Image
 
+from devtools.cog_server import CogServer, free_port
 from sdxl_cog.config import MAX_PROMPT_TOKENS
-from sdxl_cog.testing.cog_server import CogServer, free_port
-from sdxl_cog.uploads import MATERIALISED_NAME, STALE_INPUT_AGE_S, refusal
+from sdxl_cog.inputs.uploads import MATERIALISED_NAME, STALE_INPUT_AGE_S, refusal
 from tests.conftest import REPO_ROOT
 from tests.helpers.server import PREDICT_TIMEOUT_S, READY_TIMEOUT_S, data_uri, image_of, png_bytes
 
@@ -202,7 +202,7 @@ def test_a_partial_download_reaches_the_predictor_as_a_clear_error(server, origi
 
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
 def test_prompts_over_the_token_budget_are_refused_naming_the_limit(server, field):
-    # The test weights' tokenizer makes one token of every character (sdxl_cog/testing/synthetic.py).
+    # The test weights' tokenizer makes one token of every character (devtools/synthetic.py).
     body = predict(server, **{**CHEAP, field: "a" * (MAX_PROMPT_TOKENS + 1)})
     assert body["status"] == "failed"
     assert f"{field} is {MAX_PROMPT_TOKENS + 1} tokens long; at most {MAX_PROMPT_TOKENS} tokens" in body["error"]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from sdxl_cog.errors import InputError
-from sdxl_cog.images import load_image, load_mask
+from sdxl_cog.inputs.images import load_image, load_mask
 from tests.conftest import make_request
 
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from devtools.synthetic import LORA_RANK, lora_state_dict
 from sdxl_cog.errors import InputError
-from sdxl_cog.testing.synthetic import LORA_RANK, lora_state_dict
 from tests.conftest import DEFAULT_OPTIONS, make_request, pixels
 
 
@@ -106,10 +106,10 @@ def file_server(lora_files):
 
 @pytest.fixture
 def loopback_allowed(service):
-    original = service.loras.settings
-    service.loras.settings = dataclasses.replace(original, lora_allow_private_hosts=True)
-    yield service.loras.settings
-    service.loras.settings = original
+    original = service.checkpoints.default.loras.settings
+    service.checkpoints.default.loras.settings = dataclasses.replace(original, lora_allow_private_hosts=True)
+    yield service.checkpoints.default.loras.settings
+    service.checkpoints.default.loras.settings = original
 
 
 def generate(service, lora=None, scale=0.6, **overrides) -> np.ndarray:
@@ -173,13 +173,15 @@ def test_local_paths_outside_allowed_directories_are_refused(service, tiny_weigh
     with pytest.raises(InputError, match="outside the allowed directories"):
         generate(service, str(tiny_weights / "base" / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
     with pytest.raises(InputError, match="outside the allowed directories"):
-        generate(service, str(service.loras.settings.lora_local_dirs[0] / ".." / "escape.safetensors"))
+        generate(
+            service, str(service.checkpoints.default.loras.settings.lora_local_dirs[0] / ".." / "escape.safetensors")
+        )
 
 
 def test_redirect_loops_and_oversized_files_are_refused(service, file_server, loopback_allowed):
     with pytest.raises(InputError, match="redirected more than"):
         generate(service, f"{file_server}/loop")
-    service.loras.settings = dataclasses.replace(loopback_allowed, lora_max_bytes=1000)
+    service.checkpoints.default.loras.settings = dataclasses.replace(loopback_allowed, lora_max_bytes=1000)
     with pytest.raises(InputError, match="larger than"):
         generate(service, f"{file_server}/kohya")
 
@@ -190,7 +192,7 @@ def cached_files(settings) -> list[Path]:
 
 def test_the_timeout_is_a_deadline_for_the_whole_download(service, file_server, loopback_allowed):
     # Each byte comes well within any per-read timeout; the whole file would take minutes.
-    service.loras.settings = dataclasses.replace(loopback_allowed, lora_timeout_s=1.0)
+    service.checkpoints.default.loras.settings = dataclasses.replace(loopback_allowed, lora_timeout_s=1.0)
     before = cached_files(loopback_allowed)
     started = time.monotonic()
     with pytest.raises(

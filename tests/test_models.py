@@ -12,15 +12,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdxl_cog import placement as placement_module
-from sdxl_cog.catalog import checkpoints
+from devtools.synthetic import TURBO_PROFILE, add_model, lora_state_dict
+from sdxl_cog.checkpoints.cache import CheckpointCache
 from sdxl_cog.config import WATERMARK_MIN_SIDE
+from sdxl_cog.device import placement as placement_module
+from sdxl_cog.device.placement import module_bytes
 from sdxl_cog.errors import InputError
-from sdxl_cog.models import CheckpointCache
-from sdxl_cog.outputs import read_parameters
-from sdxl_cog.placement import module_bytes
+from sdxl_cog.outputs.metadata import read_parameters
 from sdxl_cog.service import SDXLService
-from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model, lora_state_dict
+from sdxl_cog.weights.catalog import checkpoint_entries
 from sdxl_cog.weights.layout import read_manifest, verify
 from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, FakeGpuPlacement, max_diff, run
 
@@ -52,7 +52,7 @@ def _image(service, model, **overrides):
 
 def test_the_manifest_lists_every_model_and_setup_checks_their_files(multi_weights):
     manifest = verify(multi_weights)
-    assert [(c.name, c.folder) for c in checkpoints(manifest)] == [
+    assert [(c.name, c.folder) for c in checkpoint_entries(manifest)] == [
         (A, "base"),
         (B, "models/anime"),
         (C, "models/photo"),
@@ -73,14 +73,16 @@ def test_the_manifest_lists_every_model_and_setup_checks_their_files(multi_weigh
 def test_a_weights_dir_of_one_model_loads_as_before(service, tiny_weights):
     assert "models" not in read_manifest(tiny_weights)
     result = run(service, num_inference_steps=1)
-    assert result.metrics["model"] == service.models.registry.default
-    assert service.models.registry.names == [service.models.registry.default]
+    assert result.metrics["model"] == service.checkpoints.default.name
+    assert service.checkpoints.names == [service.checkpoints.default.name]
 
 
 def test_identical_components_are_loaded_once(multi):
-    parts = {name: multi.models.registry.models[name].components for name in (A, B, C)}
+    parts = {name: multi.checkpoints.by_name[name].model.components for name in (A, B, C)}
     assert parts[B]["text_encoder"] is parts[A]["text_encoder"]
-    assert parts[B]["text_encoder_2"] is parts[A]["text_encoder_2"] is multi.models.refiner.components["text_encoder_2"]
+    assert (
+        parts[B]["text_encoder_2"] is parts[A]["text_encoder_2"] is multi.weights.refiner.components["text_encoder_2"]
+    )
     assert parts[B]["tokenizer"] is parts[A]["tokenizer"]
     assert parts[C]["text_encoder"] is not parts[A]["text_encoder"]
     assert len({id(p["unet"]) for p in parts.values()}) == 3
@@ -145,11 +147,11 @@ def test_an_unknown_model_is_refused_listing_the_models_there_are(multi):
 
 
 def test_a_small_budget_evicts_the_least_recently_used_and_reloads_identically(settings, multi_weights, multi, alone):
-    models = multi.models.registry.models
+    models = multi.checkpoints.by_name
     # Room for one checkpoint's own modules at a time (C's are the largest: UNet and both text encoders).
-    one = sum(module_bytes(models[C].components[c]) for c in ("text_encoder", "text_encoder_2", "unet"))
+    one = sum(module_bytes(m) for m in models[C].own_modules())
     small = _service(settings, multi_weights, model_memory_bytes=one)
-    cache = small.models.registry.cache
+    cache = small.checkpoints.cache
     assert list(cache.resident) == [A]
     for name, loads in ((A, False), (B, True), (B, False), (A, True), (C, True), (A, True)):
         result = run(small, model=name, num_inference_steps=2, seed=5)
@@ -162,14 +164,14 @@ def test_low_vram_mode_runs_every_models_modules_only_on_the_device(settings, mu
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(placement_module, "StagedPlacement", FakeGpuPlacement)
         staged = _service(settings, multi_weights, low_vram=True)
-    placement, misplaced = staged.models.placement, []
+    placement, misplaced = staged.weights.placement, []
 
     def check(layer, _):
         if not placement.holds(layer, recurse=False):
             misplaced.append(layer)
 
     # C has its own text_encoder_2, so the refiner's must come on the device in its own slot.
-    modules = {id(m): m for n in (A, C) for m in staged.models.registry.models[n].components.values()}
+    modules = {id(m): m for n in (A, C) for m in staged.checkpoints.by_name[n].model.components.values()}
     layers = [layer for m in modules.values() if isinstance(m, torch.nn.Module) for layer in m.modules()]
     hooks = [layer.register_forward_pre_hook(check) for layer in layers]
     request = dict(num_inference_steps=2, seed=5, refine="expert_ensemble_refiner")
@@ -191,7 +193,7 @@ def test_low_vram_mode_runs_every_models_modules_only_on_the_device(settings, mu
 def unet_batches(service, model):
     """The batch size of every call of `model`'s UNet: twice the images when classifier-free guidance runs."""
     batches = []
-    unet = service.models.registry.models[model].components["unet"]
+    unet = service.checkpoints.by_name[model].model.components["unet"]
     hook = unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
     try:
         yield batches

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_cog.testing.cog_server import CogServer
-from sdxl_cog.testing.synthetic import TURBO_PROFILE, add_model
+from devtools.cog_server import CogServer
+from devtools.synthetic import TURBO_PROFILE, add_model
 from tests.conftest import REPO_ROOT
 from tests.helpers.server import READY_TIMEOUT_S, decode_outputs
 from tests.helpers.server import predict_when_free as predict

@@ -9,14 +9,10 @@ import piexif.helper
 import pytest
 from PIL import Image
 
-from sdxl_cog.outputs import (
-    OUTPUT_FORMATS,
-    BackgroundEncoder,
-    encode_all,
-    parameters_text,
-    read_parameters,
-    sweep_empty_runtime_dirs,
-)
+from sdxl_cog.outputs.coglet_leftovers import sweep_empty_runtime_dirs
+from sdxl_cog.outputs.encoder import BackgroundEncoder, encode_all
+from sdxl_cog.outputs.formats import OUTPUT_FORMATS
+from sdxl_cog.outputs.metadata import parameters_text, read_parameters
 
 
 @pytest.fixture

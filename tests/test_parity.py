@@ -21,7 +21,7 @@ def test_txt2img_matches_the_stock_diffusers_pipeline(service):
     request = dict(prompt="a red fox in the snow", negative_prompt=negative_prompt, seed=42, num_outputs=2)
     ours = service.predict(make_request(**request, guidance_scale=guidance_scale), RAW, None, 0.6)
 
-    base = service.models.base
+    base = service.checkpoints.default.model
     stock = StableDiffusionXLPipeline(
         **base.components,
         scheduler=EulerDiscreteScheduler.from_config(base.scheduler_config),  # K_EULER, the default sampler

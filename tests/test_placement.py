@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from sdxl_cog import placement as placement_module
 from sdxl_cog.config import Settings
-from sdxl_cog.memory import GIB, MemoryBudget, needs_low_vram
-from sdxl_cog.placement import (
+from sdxl_cog.device import placement as placement_module
+from sdxl_cog.device.memory import GIB, MemoryBudget, needs_low_vram
+from sdxl_cog.device.placement import (
     STAGES,
     ResidentPlacement,
     StagedPlacement,
@@ -201,20 +201,20 @@ class DeviceTracker:
 
 @pytest.fixture
 def tracker(staged_service):
-    tracker = DeviceTracker(staged_service.models.placement)
+    tracker = DeviceTracker(staged_service.weights.placement)
     yield tracker
     tracker.close()
 
 
 def test_every_module_of_both_pipelines_is_placed(staged_service):
-    placed = {id(m) for m in staged_service.models.placement.modules.values()}
-    for model in (staged_service.models.base, staged_service.models.refiner):
+    placed = {id(m) for m in staged_service.weights.placement.modules.values()}
+    for model in (staged_service.checkpoints.default.model, staged_service.weights.refiner):
         modules = [m for m in model.components.values() if isinstance(m, torch.nn.Module)]
         assert {id(m) for m in modules} <= placed, model.name
 
 
 def test_low_vram_mode_runs_each_module_only_in_its_stage_with_the_same_images(service, staged_service, tracker):
-    placement = staged_service.models.placement
+    placement = staged_service.weights.placement
     staged = run(staged_service, seed=21, num_outputs=2, refine="expert_ensemble_refiner")
     assert tracker.stages == STAGES_WITH_SAFETY_CHECK and not tracker.misplaced
     assert max(tracker.resident_bytes) == placement.peak_bytes < sum(map(module_bytes, placement.modules.values()))

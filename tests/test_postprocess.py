@@ -18,15 +18,15 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import WATERMARK_BITS
 from imwatermark import WatermarkDecoder, WatermarkEncoder
 from PIL import Image, ImageOps
 
-from sdxl_cog import finishing
-from sdxl_cog import images as images_module
+from devtools.synthetic import SAFETY_CHECKER_DIR
 from sdxl_cog.config import WATERMARK_MIN_SIDE
-from sdxl_cog.finishing import Finisher
-from sdxl_cog.generate import Run, to_uint8
-from sdxl_cog.outputs import BackgroundEncoder
-from sdxl_cog.safety import SafetyChecker, _resize_like_pil_in_float, resize_like_pil
-from sdxl_cog.testing.synthetic import SAFETY_CHECKER_DIR
-from sdxl_cog.watermark import _rgb_from_formula, _yuv_from_formula, watermark_images
+from sdxl_cog.finishing import finisher as finishing
+from sdxl_cog.finishing.finisher import Finisher
+from sdxl_cog.finishing.safety import SafetyChecker, _resize_like_pil_in_float, resize_like_pil
+from sdxl_cog.finishing.watermark import _rgb_from_formula, _yuv_from_formula, watermark_images
+from sdxl_cog.generation.generate import Run, to_uint8
+from sdxl_cog.inputs import images as images_module
+from sdxl_cog.outputs.encoder import BackgroundEncoder
 from tests.conftest import DEFAULT_OPTIONS, make_request
 
 # Two photographs bundled with matplotlib (a portrait and a product shot), scaled to each size.
@@ -93,7 +93,7 @@ def test_a_batch_is_marked_like_its_images_one_by_one():
         assert np.array_equal(watermark_images(torch.from_numpy(image[None]))[0].numpy(), marked)
 
 
-# (width, height): bands of CPU_BAND_ROWS and a last short one (520 = 4 * 128 + 8), a height past the DWT's
+# (width, height): bands of WATERMARK_CPU_BAND_ROWS and a last short one (520 = 4 * 128 + 8), a height past the DWT's
 # crop (262: its last 2 rows are only converted) and one whose last rows of blocks are cut (1036 = 8 * 128 + 12).
 BANDED_SIZES = [(776, 520), (256, 262), (264, 1036)]
 
@@ -239,7 +239,7 @@ def test_safety_check_is_batched(checker):
 def test_each_image_is_written_while_the_next_one_decodes(service, monkeypatch):
     """The second decode waits for the first image's file: if encoding only started after the last decode,
     it would wait in vain and the request would fail."""
-    vae = service.models.base.components["vae"]
+    vae = service.checkpoints.default.model.components["vae"]
     decode, calls = vae.decode, []
 
     def decode_after_the_previous_file(*args, **kwargs):
@@ -272,7 +272,7 @@ class ScriptedChecker:
 
 @pytest.fixture
 def one_torch_thread():
-    """The finishing workers run on the CPU only beside a one-thread decoder (see sdxl_cog/finishing.py)."""
+    """The finishing workers run on the CPU only beside a one-thread decoder (see sdxl_cog/finishing/finisher.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from sdxl_cog import prefetch
-from sdxl_cog.pipelines import load_models
+from sdxl_cog.checkpoints import prefetch
+from sdxl_cog.checkpoints.loading import load_weights
 
 LOAD_ORDER = [
     "vae/diffusion_pytorch_model.fp16.safetensors",
@@ -73,6 +73,6 @@ def test_cache_room_is_read_from_this_machine():
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_setup_starts_it_unless_switched_off(settings, reads, enabled):
-    load_models(dataclasses.replace(settings, prefetch_weights=enabled))
+    load_weights(dataclasses.replace(settings, prefetch_weights=enabled))
     join_prefetch()
     assert relative(reads, settings.weights_dir) == (LOAD_ORDER if enabled else [])

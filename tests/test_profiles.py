@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from sdxl_cog.profiles import PRESETS, Profile, profile_from
+from sdxl_cog.weights.profiles import PRESETS, Profile, profile_from
 from tests.conftest import make_request
 
 

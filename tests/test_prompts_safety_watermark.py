@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools.synthetic import set_safety_checker_flags_everything
 from sdxl_cog.config import WATERMARK_MIN_SIDE
 from sdxl_cog.errors import InputError
-from sdxl_cog.prompts import encode_prompts
+from sdxl_cog.finishing.watermark import has_watermark
+from sdxl_cog.generation.prompts import encode_prompts
 from sdxl_cog.service import SDXLService
-from sdxl_cog.testing.synthetic import set_safety_checker_flags_everything
-from sdxl_cog.watermark import has_watermark
 from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, make_request, max_diff
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
@@ -32,7 +32,7 @@ def predict_image(service, options=DEFAULT_OPTIONS, **overrides) -> Image.Image:
 
 
 def test_short_prompt_encodes_exactly_like_the_stock_pipeline(service):
-    pipe = service.models.base_pipeline
+    pipe = service.checkpoints.default.pipeline
     ours = encode_prompts(
         [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], "a cat", "a dog", True
     )
@@ -44,7 +44,7 @@ def test_short_prompt_encodes_exactly_like_the_stock_pipeline(service):
 
 
 def test_words_past_token_77_change_the_embeddings_and_the_image(service):
-    tokenizer = service.models.base_pipeline.tokenizer
+    tokenizer = service.checkpoints.default.pipeline.tokenizer
     assert len(tokenizer(long_prompt("zebra")).input_ids) > 2 * 77
     a = predict_image(service, prompt=long_prompt("zebra"), seed=3)
     b = predict_image(service, prompt=long_prompt("volcano"), seed=3)

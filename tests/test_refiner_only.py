@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdxl_cog.errors import InputError
-from sdxl_cog.outputs import read_parameters
+from sdxl_cog.outputs.metadata import read_parameters
 from tests.conftest import TEST_SIDE, count_unet_calls, half_mask, make_request, max_diff, pixels, run, source_image
 
 SQUARE = (TEST_SIDE, TEST_SIDE)

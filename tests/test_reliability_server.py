@@ -24,8 +24,8 @@ import pytest
 import requests
 from safetensors.torch import save_file
 
-from sdxl_cog.testing.cog_server import CogServer
-from sdxl_cog.testing.synthetic import lora_state_dict
+from devtools.cog_server import CogServer
+from devtools.synthetic import lora_state_dict
 from tests.conftest import REPO_ROOT
 from tests.helpers.server import (
     BUSY_WAIT_S,

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdxl_cog.errors import InputError
-from sdxl_cog.request import base_image_refiner_schedule, check_side, default_refine_steps, resolve_seeds
+from sdxl_cog.inputs.request import base_image_refiner_schedule, check_side, default_refine_steps, resolve_seeds
 from tests.conftest import make_request
 
 

@@ -20,13 +20,14 @@ import requests
 from cog.input import FieldInfo
 from PIL import Image
 
+from devtools.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, CogServerError
 from sdxl_cog import config
-from sdxl_cog.outputs import OUTPUT_FORMATS
-from sdxl_cog.request import REFINE_MODES
-from sdxl_cog.schedulers import SCHEDULERS
+from sdxl_cog.generation.schedulers import SCHEDULERS
+from sdxl_cog.inputs.request import REFINE_MODES
+from sdxl_cog.outputs.formats import OUTPUT_FORMATS
 from sdxl_cog.schema import openapi
 from sdxl_cog.schema.static_reader import StaticSchemaError
-from sdxl_cog.testing.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, CogServerError
+from sdxl_cog.weights.profiles import SDXL_SIDE
 
 PREDICTORS = {"predict.py": f"{REPO_ROOT / 'predict.py'}:Predictor", "dummy": DUMMY_PREDICTOR_REF}
 # JSON Schema of each type an input may have, from the runtime annotation.
@@ -126,7 +127,7 @@ def test_engine_constants_match_predict_py():
     props = schema["Input"]["properties"]
     for side in ("width", "height"):
         assert (props[side]["minimum"], props[side]["maximum"]) == (config.MIN_SIDE, config.MAX_SIDE)
-        assert f"Default {config.DEFAULT_SIDE} " in props[side]["description"]
+        assert f"Default {SDXL_SIDE} " in props[side]["description"]
         assert f"multiple of {config.SIDE_MULTIPLE}." in props[side]["description"]
     assert props["seed"]["maximum"] == config.MAX_SEED
     for prompt in ("prompt", "negative_prompt"):

@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from sdxl_cog.testing.cog_server import CogServer
+from devtools.cog_server import CogServer
 from tests.conftest import REPO_ROOT
 from tests.helpers.server import PREDICT_TIMEOUT_S, READY_TIMEOUT_S, decode_outputs, predict_when_free
 

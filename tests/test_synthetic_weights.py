@@ -12,8 +12,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTokenizer
 
+from devtools import synthetic
 from sdxl_cog.config import MIN_SIDE
-from sdxl_cog.testing import synthetic
 from sdxl_cog.weights.layout import REQUIRED_FILES, SAFETY_CHECKER_DIR, verify
 
 # A ~200-character prompt: more than one 77-token chunk with any CLIP vocabulary.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .openapi import DEFAULT_PREDICTOR, build_schema, cog_version
+from sdxl_cog.schema.openapi import DEFAULT_PREDICTOR, build_schema, cog_version
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_FILES = {

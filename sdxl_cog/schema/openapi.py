@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .static_reader import NO_DEFAULT, StaticInput, StaticPredictor, StaticSchemaError, read_predictor
+from sdxl_cog.schema.static_reader import NO_DEFAULT, StaticInput, StaticPredictor, StaticSchemaError, read_predictor
 
 DEFAULT_PREDICTOR = "predict.py:Predictor"
 DEFAULT_OUT = Path(".cog/openapi_schema.json")

@@ -16,8 +16,8 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_target
-from .sources import DownloadError
+from sdxl_cog.weights.atomic import atomic_target
+from sdxl_cog.weights.sources import DownloadError
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Each part of the layout comes from one source (sdxl_cog/weights/sources.py): a Hugging Face Hub repo, a
 local folder laid out like one (a mirror, for offline builds and tests), or, for the base only, a
 single-file `.safetensors` checkpoint. Hub and mirror share every step but the transfer itself: choosing
-files, converting weights the layout needs in another form (sdxl_cog/convert.py), skipping files intact
+files, converting weights the layout needs in another form (convert.py), skipping files intact
 from the last run, pruning leftovers, and the manifest. Interrupted runs resume: huggingface_hub
 continues its `.incomplete` files, URLs their `.part` file (sdxl_cog/weights/url_download.py).
 """
@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..catalog import legacy_name
-from ..profiles import PRESETS
-from .convert import convert_single_file, convert_weights
-from .layout import (
+from sdxl_cog.weights.catalog import legacy_name
+from sdxl_cog.weights.convert import convert_single_file, convert_weights
+from sdxl_cog.weights.layout import (
     BASE_DIR,
     MANIFEST_NAME,
     MODELS_DIR,
@@ -41,8 +40,9 @@ from .layout import (
     verify,
     write_manifest,
 )
-from .sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
-from .url_download import fetch_url, hf_auth_headers
+from sdxl_cog.weights.profiles import PRESETS
+from sdxl_cog.weights.sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
+from sdxl_cog.weights.url_download import fetch_url, hf_auth_headers
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def download(
     `revision` (a branch, tag or commit) applies to the base repo, stock or not; the other parts use main.
     `models` maps further checkpoints' names to sources taken like `base`; with them, the manifest lists every
     checkpoint, base/ first under `base_name` (default: the last part of its source). `profiles` maps a model's
-    name to its profile preset (sdxl_cog/profiles.py), recorded in the manifest.
+    name to its profile preset (profiles.py), recorded in the manifest.
     Returns the manifest. Raises DownloadError (a source) or WeightsError (the result).
     """
     root = Path(root).resolve()

@@ -27,7 +27,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .atomic import atomic_target
+from sdxl_cog.weights.atomic import atomic_target
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .atomic import atomic_target
+from sdxl_cog.weights.atomic import atomic_target
 
 # A folder whose subfolders are owner/name copies of Hub repos; when set, repo ids are read from it.
 MIRROR_ENV = "SDXL_HUB_MIRROR"

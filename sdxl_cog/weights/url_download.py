@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 import requests
 
-from .atomic import atomic_target
-from .sources import DownloadError
+from sdxl_cog.weights.atomic import atomic_target
+from sdxl_cog.weights.sources import DownloadError
 
 HTTP_TIMEOUT_S = (10, 60)  # (connect, between bytes): a stalled CDN fails instead of hanging the build
 HTTP_CHUNK_BYTES = 8 * 1024 * 1024

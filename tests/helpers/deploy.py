@@ -10,7 +10,7 @@ import sys
 
 import yaml
 
-from sdxl_cog.testing.cog_server import REPO_ROOT
+from devtools.cog_server import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "probe_predictors.py"

@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import DEFAULT_SIDE
+# SDXL was trained at about one megapixel: 1024x1024 is its native text-to-image size.
+SDXL_SIDE = 1024
 
 
 @dataclass(frozen=True)
 class Profile:
     num_inference_steps: int = 50  # predict.py's historical default (stability-ai/sdxl)
     guidance_scale: float = 7.5
-    side: int = DEFAULT_SIDE  # width and height of a text-to-image request
+    side: int = SDXL_SIDE  # width and height of a text-to-image request
     timestep_spacing: str | None = None  # None: the checkpoint's own scheduler config decides
 
     def defaults(self) -> dict[str, object]:

@@ -3,15 +3,11 @@ decode, paste back, safety-check, watermark and hand over for encoding. Each pha
 step logs one line.
 
 After the last denoising step the images stay uint8 tensors on the generation device until each is handed
-over (one device-to-host copy per image). Each image is finished (sdxl_cog/finishing.py) and encoded by the
+over (one device-to-host copy per image). Each image is finished (sdxl_cog/finishing/finisher.py) and encoded by the
 caller's sink while the next one decodes."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,20 +15,16 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 
-from . import images
-from .finishing import Finisher
-from .outputs import RowFeed
-from .pipelines import LoadedModels, Model, synchronize
-from .placement import Placement
-from .prompts import PromptEmbeddings, encode_prompts
-from .request import GenerationRequest, Refine, base_image_refiner_schedule
-from .safety import SafetyChecker
-
-# Receives each finished image, (H, W, 3) uint8 RGB in host memory, with its index.
-ImageSink = Callable[[int, np.ndarray], None]
-# Takes an image before its rows are final (index, the array being filled in) and returns the feed to tell it
-# which rows are (outputs.BackgroundEncoder.stream), or None: the image then goes to the ImageSink.
-RowSink = Callable[[int, np.ndarray], RowFeed | None]
+from sdxl_cog.checkpoints.checkpoint import StageModel
+from sdxl_cog.checkpoints.loading import LoadedWeights
+from sdxl_cog.device.placement import Placement
+from sdxl_cog.device.timing import PhaseTimer
+from sdxl_cog.finishing.finisher import Finisher, ImageSink, RowSink
+from sdxl_cog.finishing.safety import SafetyChecker
+from sdxl_cog.generation.pipelines import stage_pipeline
+from sdxl_cog.generation.prompts import PromptEmbeddings, encode_prompts
+from sdxl_cog.inputs import images
+from sdxl_cog.inputs.request import GenerationRequest, Refine, base_image_refiner_schedule
 
 
 @dataclass
@@ -43,22 +35,12 @@ class GenerationResult:
     steps: dict[str, int] = field(default_factory=dict)
 
 
-class Run:
+class Run(PhaseTimer):
     """Book-keeping for one request: phase timings and the steps each stage really ran."""
 
     def __init__(self, device: str):
-        self.device = device
-        self.timings: dict[str, float] = {}
+        super().__init__(device)
         self.steps: dict[str, int] = {}
-        self._timings_lock = threading.Lock()  # the finishing phases are timed in worker threads
-
-    @contextmanager
-    def phase(self, name: str):
-        started = time.perf_counter()
-        yield
-        synchronize(self.device)
-        with self._timings_lock:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
     def step_logger(self, stage: str):
         """A callback_on_step_end that prints one clean line per step (no tqdm carriage returns)."""
@@ -77,12 +59,8 @@ def _generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
 
-def _encode(model: Model, req: GenerationRequest) -> PromptEmbeddings:
-    pairs = [
-        (model.components[t], model.components[e])
-        for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
-    ]
-    pairs = [(t, e) for t, e in pairs if e is not None]
+def _encode(model: StageModel, req: GenerationRequest) -> PromptEmbeddings:
+    pairs = model.text_encoders()
     return encode_prompts(
         [t for t, _ in pairs],
         [e for _, e in pairs],
@@ -122,11 +100,11 @@ def _refiner_kwargs(req: GenerationRequest, latents: torch.Tensor | None) -> dic
 
 
 def _denoise(
-    run: Run, placement: Placement, model: Model, req: GenerationRequest, generators, embeds, stage_kwargs
+    run: Run, placement: Placement, model: StageModel, req: GenerationRequest, generators, embeds, stage_kwargs
 ) -> torch.Tensor:
-    pipe = model.pipeline(req.mode, req.scheduler)
-    with run.phase(f"{model.name}_denoise"):
-        placement.use(model.name)
+    pipe = stage_pipeline(model, req.mode, req.scheduler)
+    with run.phase(f"{model.stage}_denoise"):
+        placement.use(model.stage)
         return pipe(
             **embeds.as_pipeline_kwargs(),
             **stage_kwargs,
@@ -134,7 +112,7 @@ def _denoise(
             generator=generators,
             num_images_per_prompt=req.num_outputs,
             output_type="latent",
-            callback_on_step_end=run.step_logger(model.name),
+            callback_on_step_end=run.step_logger(model.stage),
         ).images
 
 
@@ -159,7 +137,8 @@ def _decode(vae: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
 
 
 def generate(
-    models: LoadedModels,
+    weights: LoadedWeights,
+    base: StageModel,
     req: GenerationRequest,
     device: str,
     safety_check: bool,
@@ -175,26 +154,25 @@ def generate(
     # time includes the copies it waited for.
 
     # 1. Encode prompts (the refiner sees only its own text encoder).
+    placement, refiner = weights.placement, weights.refiner
     with run.phase("text_encoding"):
-        models.placement.use("text_encoding")
-        base_embeds = _encode(models.base, req) if running_base else None
-        refiner_embeds = _encode(models.refiner, req) if refining else None
+        placement.use("text_encoding")
+        base_embeds = _encode(base, req) if running_base else None
+        refiner_embeds = _encode(refiner, req) if refining else None
 
     # 2. Base denoising, to latents; 3. refining them.
     latents = None
     if running_base:
-        latents = _denoise(run, models.placement, models.base, req, generators, base_embeds, _base_kwargs(req))
+        latents = _denoise(run, placement, base, req, generators, base_embeds, _base_kwargs(req))
     if refining:
-        latents = _denoise(
-            run, models.placement, models.refiner, req, generators, refiner_embeds, _refiner_kwargs(req, latents)
-        )
+        latents = _denoise(run, placement, refiner, req, generators, refiner_embeds, _refiner_kwargs(req, latents))
 
     # 4. Per image: decode, paste back, safety check, watermark, hand over (see finish_images).
     with run.phase("vae_decode"):
-        models.placement.use("vae_decode_and_safety_check" if safety_check else "vae_decode")
+        placement.use("vae_decode_and_safety_check" if safety_check else "vae_decode")
     kept = images.kept_region(req.image, req.mask, device) if req.mask is not None else None
-    checker = models.safety_checker if safety_check else None
-    vae = models.base.components["vae"]
+    checker = weights.safety_checker if safety_check else None
+    vae = base.components["vae"]
     finished, flags = finish_images(run, vae, latents, kept, checker, watermark, sink, rows)
     return GenerationResult(finished, flags, run.timings, run.steps)
 

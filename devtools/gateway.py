@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from sdxl_cog.testing.cog_server import REPO_ROOT, free_port
+from devtools.cog_server import REPO_ROOT, free_port
 
 GATEWAY_DIR = REPO_ROOT / "gateway"
 START_TIMEOUT_S = 15
@@ -36,7 +36,7 @@ def nginx_available() -> bool:
 def nobody_readable_dir(prefix: str) -> Path:
     """A fresh directory that nginx's workers can enter: a root master runs them as `nobody`. It is made under
     the system's temporary root, not tempfile's current directory, which an in-process SDXLService has made
-    its private (0700) input directory (sdxl_cog/uploads.py)."""
+    its private (0700) input directory (sdxl_cog/inputs/uploads.py)."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR") or "/tmp"))
     path.chmod(0o755)
     return path

@@ -1,7 +1,9 @@
 """From a prediction's raw inputs to a checked, fully resolved GenerationRequest.
 
-Pure functions: no model is touched here, so every rule (sizes, seeds, step counts, modes) is tested
-in milliseconds and every refusal happens before any GPU work.
+No model is touched here, so every rule (sizes, seeds, step counts, modes) is tested in milliseconds and every
+refusal happens before any GPU work. Not pure all the same: build_request reads the image and mask files and
+draws a random seed when none is given; the rules it applies (check_side, resolve_seeds' arithmetic,
+base_image_refiner_schedule, ...) are plain functions of their arguments.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import images, uploads
-from .config import DEFAULT_SIDE, MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
-from .errors import InputError
-from .profiles import DEFAULT_PROFILE, Profile
+from sdxl_cog.config import MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from sdxl_cog.errors import InputError
+from sdxl_cog.inputs import images, uploads
+from sdxl_cog.weights.profiles import DEFAULT_PROFILE, Profile
 
 
 class Refine(StrEnum):
@@ -67,7 +69,9 @@ class GenerationRequest:
     refine_strength: float
     image: Image.Image | None = None  # the source, already fitted to width x height
     mask: Image.Image | None = None  # binary, fitted like the image; white is repainted
-    model: str | None = None  # the checkpoint's name (checked by models.ModelRegistry); None: the default
+    model: str | None = (
+        None  # the checkpoint's name (checked by checkpoints.registry.Checkpoints.resolve); None: the default
+    )
     # The inputs the request left out and the checkpoint's profile supplied, with their values.
     profile_defaults: dict = field(default_factory=dict)
 
@@ -109,7 +113,7 @@ def default_refine_steps(num_inference_steps: int, refine_strength: float) -> in
 
 
 def _source_images(
-    image: Path | None, mask: Path | None, width: int | None, height: int | None, side: int = DEFAULT_SIDE
+    image: Path | None, mask: Path | None, width: int | None, height: int | None, side: int = DEFAULT_PROFILE.side
 ) -> tuple[str, Image.Image | None, Image.Image | None, int, int]:
     if image is None:
         if mask is not None:
@@ -160,7 +164,7 @@ def build_request(
 ) -> GenerationRequest:
     """`profile`: the chosen checkpoint's defaults (profiles.py), for the inputs left out (None).
     `files_from_client`: image and mask came over HTTP, so only files Cog downloaded for this request are read
-    (sdxl_cog/uploads.py); False for callers that pass their own local files (tests, benchmarks)."""
+    (uploads.py); False for callers that pass their own local files (tests, benchmarks)."""
     if files_from_client:
         image, mask = uploads.client_file(image, "image"), uploads.client_file(mask, "mask")
     given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}

@@ -19,12 +19,12 @@ from itertools import chain
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .memory import GIB, needs_low_vram
+from sdxl_cog.device.memory import GIB, needs_low_vram
 
 # The modules each stage of generate() runs. The VAE joins both denoising stages because the img2img
 # and inpaint pipelines encode their source image with it; at 0.17 GB it then simply stays.
 STAGES: dict[str, tuple[str, ...]] = {
-    # refiner_text_encoder_2: only while the active checkpoint's text_encoder_2 is not the refiner's (models.py).
+    # refiner_text_encoder_2: only while the active checkpoint's text_encoder_2 is not the refiner's (checkpoints/registry.py).
     "text_encoding": ("text_encoder", "text_encoder_2", "refiner_text_encoder_2"),
     "base": ("base_unet", "vae"),
     "refiner": ("refiner_unet", "vae"),
@@ -50,7 +50,7 @@ def stage_peak_bytes(sizes: dict[str, int]) -> int:
 class ResidentPlacement:
     """Every module on the device for good: nothing moves during a prediction."""
 
-    # pipelines.py keeps a GPU cache of checkpoints only when modules stay resident.
+    # checkpoints/loading.py keeps a GPU cache of checkpoints only when modules stay resident.
     low_vram = False
 
     def __init__(self, device: str, modules: dict[str, torch.nn.Module]):
@@ -63,7 +63,7 @@ class ResidentPlacement:
         pass
 
     def swap(self, name: str, module: torch.nn.Module | None) -> None:
-        """Run `module` (None: nothing) in slot `name` from now on; the checkpoint cache (models.py) moves it."""
+        """Run `module` (None: nothing) in slot `name` from now on; the checkpoint cache (checkpoints/cache.py) moves it."""
         if module is None:
             self.modules.pop(name, None)
         else:

@@ -21,16 +21,14 @@ import os
 import threading
 from pathlib import Path
 
-from .weights import layout
+from sdxl_cog.config import PREFETCH_CACHE_FRACTION
+from sdxl_cog.weights import layout
 
 logger = logging.getLogger(__name__)
 
-# The order load_models() (sdxl_cog/pipelines.py) reads the parts in; within a part, diffusers loads
+# The order load_weights() (loading.py) reads the parts in; within a part, diffusers loads
 # components alphabetically (text_encoder, text_encoder_2, unet), as the sorted paths are.
 LOAD_ORDER = (layout.VAE_DIR, layout.BASE_DIR, layout.REFINER_DIR, layout.SAFETY_CHECKER_DIR)
-# Prefetching more than the page cache can hold would evict the first files before setup() reads them,
-# and read them twice; leave room for the process itself.
-CACHE_FRACTION = 0.8
 
 
 def weight_files(root: Path) -> list[Path]:
@@ -87,7 +85,7 @@ def start(root: Path) -> threading.Thread | None:
     weights or they would not fit in the page cache."""
     files = weight_files(root) if root.is_dir() else []
     total, room = sum(p.stat().st_size for p in files), cache_room_bytes()
-    if not files or (room is not None and total > CACHE_FRACTION * room):
+    if not files or (room is not None and total > PREFETCH_CACHE_FRACTION * room):
         return None
     thread = threading.Thread(target=_prefetch, args=(files,), name="weights-prefetch", daemon=True)
     thread.start()

@@ -23,17 +23,20 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .safety import SafetyChecker, blacken_flagged
-from .watermark import watermark_images
+from sdxl_cog.device.timing import PhaseTimer
+from sdxl_cog.finishing.safety import SafetyChecker, blacken_flagged
+from sdxl_cog.finishing.watermark import watermark_images
+from sdxl_cog.outputs.rows import RowFeed
 
-if TYPE_CHECKING:
-    from .generate import ImageSink, RowSink, Run
-    from .outputs import RowFeed
+# Receives each finished image, (H, W, 3) uint8 RGB in host memory, with its index.
+ImageSink = Callable[[int, np.ndarray], None]
+# Takes an image before its rows are final (index, the array being filled in) and returns the feed to tell it
+# which rows are (outputs.encoder.BackgroundEncoder.stream), or None: the image then goes to the ImageSink.
+RowSink = Callable[[int, np.ndarray], RowFeed | None]
 
 # One for the watermark and hand-over of image i, one for its safety check: jobs are taken in the order they
 # were submitted, and a hand-over waits only for the check queued right after it, which the other worker takes
@@ -47,7 +50,7 @@ class Finisher:
 
     def __init__(
         self,
-        run: Run,
+        run: PhaseTimer,
         checker: SafetyChecker | None,
         watermark: bool,
         sink: ImageSink | None,

@@ -1,5 +1,7 @@
-"""GPU memory: refusing requests that cannot fit before any work starts, and recovering from an
-out-of-memory error inside a prediction so that the worker lives on and the next request succeeds.
+"""GPU memory: refusing requests that cannot fit before any work starts, recovering from an out-of-memory error
+inside a prediction so that the worker lives on and the next request succeeds, and reporting each prediction's
+peak in its metrics (as docker-diffusers-api's `$mem_usage`), so that an operator sees how close each request
+came to the card's limit.
 
 The activation figures are upper estimates for SDXL in fp16 with PyTorch's SDPA attention: UNet
 activations grow with the batch (doubled by classifier-free guidance) and the latent area; the VAE
@@ -11,11 +13,12 @@ from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .config import (
+from sdxl_cog.config import (
     CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL,
     GIB,
     MEGAPIXEL,
@@ -26,8 +29,8 @@ from .config import (
     UNET_ACTIVATION_BYTES_PER_MEGAPIXEL,
     VAE_DECODE_BYTES_PER_MEGAPIXEL,
 )
-from .errors import InputError
-from .request import GenerationRequest, Refine
+from sdxl_cog.errors import InputError
+from sdxl_cog.inputs.request import GenerationRequest, Refine
 
 
 def activation_bytes(width: int, height: int, num_outputs: int) -> int:
@@ -122,3 +125,35 @@ def out_of_memory_error(req: GenerationRequest, prompt_tokens: int = 0) -> Input
         f"Out of GPU memory generating {_what(req, prompt_tokens)}: {_advice(req, prompt_tokens)}. "
         "The server is ready for the next request."
     )
+
+
+@dataclass(frozen=True)
+class PeakMemoryMeter:
+    capacity_bytes: int | None  # None: no GPU, nothing to report
+    reset_peak: Callable[[], None]
+    read_peak: Callable[[], int]
+
+    @classmethod
+    def for_device(cls, device: str) -> PeakMemoryMeter:
+        capacity = gpu_capacity(device)
+        if capacity is None:
+            return cls(None, lambda: None, lambda: 0)
+        index = torch.device(device)
+        # Allocated, not reserved: what the prediction's tensors and the weights really occupied, not
+        # what the caching allocator kept from earlier requests.
+        return cls(
+            capacity,
+            lambda: torch.cuda.reset_peak_memory_stats(index),
+            lambda: torch.cuda.max_memory_allocated(index),
+        )
+
+    def start(self) -> None:
+        """Forget the previous prediction's peak."""
+        if self.capacity_bytes is not None:
+            self.reset_peak()
+
+    def metrics(self) -> dict[str, object]:
+        if self.capacity_bytes is None:
+            return {}
+        peak = int(self.read_peak())
+        return {"gpu_peak_memory_bytes": peak, "gpu_memory_fraction": round(peak / self.capacity_bytes, 4)}

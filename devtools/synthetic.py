@@ -3,7 +3,7 @@
 Two sizes share one recipe (see SIZES):
   tiny  small SDXL-shaped models, a few MB, for the CPU test suite: every code path of the real
         pipelines runs (two text encoders, text_time conditioning, aesthetic score, VAE scale 8).
-  full  the published SDXL 1.0 architecture (sdxl_cog/testing/architecture/*.json) with random weights, the
+  full  the published SDXL 1.0 architecture (devtools/architecture/*.json) with random weights, the
         real file sizes: for load-time, memory and throughput measurements without Hugging Face.
 
 The same size and seed give byte-identical files on the same machine and library versions.
@@ -233,7 +233,7 @@ def make_weights(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
     for part in PARTS:
         _write_part(root, part, configs[part.config], _part_seed(seed, part.path))
     # 4. The manifest.
-    origin = f"synthetic {size} weights, seed {seed} (sdxl_cog/testing/synthetic.py)"
+    origin = f"synthetic {size} weights, seed {seed} (devtools/synthetic.py)"
     return write_manifest(root, sources={d: origin for d in (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR)})
 
 
@@ -241,7 +241,7 @@ def make_weights(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
 # disk, and loaded once: models.load_checkpoints) unless the checkpoint is asked to have its own.
 SHARED_WITH_BASE = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 DEFAULT_BASE_NAME = "sdxl-base"
-# A tiny checkpoint that serves with SDXL-Turbo's defaults (sdxl_cog/profiles.py).
+# A tiny checkpoint that serves with SDXL-Turbo's defaults (sdxl_cog/weights/profiles.py).
 TURBO_PROFILE = {"preset": "turbo"}
 
 
@@ -276,7 +276,7 @@ def add_model(
     entry = {
         "name": name,
         "dir": folder,
-        "source": f"synthetic {size} weights, seed {seed} (sdxl_cog/testing/synthetic.py)",
+        "source": f"synthetic {size} weights, seed {seed} (devtools/synthetic.py)",
     }
     if profile:
         entry["profile"] = profile
@@ -312,7 +312,7 @@ def set_safety_checker_flags_everything(root: Path | str) -> None:
 
 
 def architecture(name: str) -> dict:
-    """One of the published SDXL configs in sdxl_cog/testing/architecture/."""
+    """One of the published SDXL configs in devtools/architecture/."""
     return json.loads((ARCHITECTURE_DIR / f"{name}.json").read_text())
 
 

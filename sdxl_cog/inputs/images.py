@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import MASK_THRESHOLD, MAX_INPUT_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
-from .errors import InputError
+from sdxl_cog.config import MASK_THRESHOLD, MAX_INPUT_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from sdxl_cog.errors import InputError
 
 # Transparent areas of a source image are shown on white, as image editors display them.
 TRANSPARENT_BACKGROUND = (255, 255, 255)

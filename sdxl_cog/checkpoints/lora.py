@@ -23,8 +23,8 @@ import requests
 import urllib3
 from safetensors import SafetensorError, safe_open
 
-from .config import MAX_REDIRECTS, STALL_TIMEOUT_S, Settings
-from .errors import InputError
+from sdxl_cog.config import MAX_REDIRECTS, STALL_TIMEOUT_S, Settings
+from sdxl_cog.errors import InputError
 
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 ALLOWED_SCHEMES = {"http", "https"}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPTokenizer, PreTrainedModel
 
-from .config import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, PROMPT_CHUNK_TOKENS
-from .errors import InputError
+from sdxl_cog.config import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, PROMPT_CHUNK_TOKENS
+from sdxl_cog.errors import InputError
 
 
 @dataclass

@@ -1,13 +1,14 @@
-"""The SDXL checkpoints a weights directory holds, read from its manifest (layout: sdxl_cog/weights/layout.py).
+"""The SDXL checkpoints a weights directory holds, as its manifest lists them (layout.py).
 
-Pure functions over the manifest: which checkpoints there are, in which folder, from which source, and which
-of their components are byte-identical (so that they are loaded once)."""
+Pure functions over the manifest: which checkpoints there are, in which folder, from which source, with which
+profile (profiles.py), and which of their components are byte-identical (so that they are loaded once)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .weights.layout import BASE_DIR
+from sdxl_cog.weights.layout import BASE_DIR
+from sdxl_cog.weights.profiles import Profile, profile_from
 
 # The parts of a checkpoint folder that can be shared with another checkpoint when identical.
 SHAREABLE = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")
@@ -17,12 +18,14 @@ SHORT_HASH_CHARS = 10
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class CheckpointEntry:
+    """One checkpoint as the manifest lists it."""
+
     name: str
     folder: str  # relative to the weights root
     source: str
     unet_sha256: str
-    profile: dict = field(default_factory=dict)
+    profile: Profile
 
     @property
     def short_hash(self) -> str:
@@ -35,19 +38,19 @@ def legacy_name(manifest: dict) -> str:
     return source.split("@")[0].rstrip("/").split("/")[-1] or source
 
 
-def checkpoints(manifest: dict) -> list[Checkpoint]:
+def checkpoint_entries(manifest: dict) -> list[CheckpointEntry]:
     """Every checkpoint, the default first. A manifest without `models` describes base/ alone."""
     entries = manifest.get("models") or [
         {"name": legacy_name(manifest), "dir": BASE_DIR, "source": manifest.get("sources", {}).get("base", "")}
     ]
     files = manifest["files"]
     return [
-        Checkpoint(
+        CheckpointEntry(
             name=e["name"],
             folder=e["dir"],
             source=e.get("source", ""),
             unet_sha256=files.get(f"{e['dir']}/{UNET_WEIGHTS}", {}).get("sha256", ""),
-            profile=dict(e.get("profile") or {}),
+            profile=profile_from(e.get("profile") or {}),
         )
         for e in entries
     ]

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # A CPU-only predictor with the same kinds of inputs as predict.py (see the file's docstring).
 DUMMY_PREDICTOR_REF = f"{REPO_ROOT / 'tests/fixtures/dummy_predictor.py'}:Predictor"
 SCHEMA_PATH = Path(".cog/openapi_schema.json")

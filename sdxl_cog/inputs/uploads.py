@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path, PurePath
 
-from .config import STALE_INPUT_AGE_S
-from .errors import InputError
+from sdxl_cog.config import STALE_INPUT_AGE_S
+from sdxl_cog.errors import InputError
 
 # tempfile's names: its prefix "tmp" and 8 characters of its alphabet (tempfile._RandomNameSequence).
 MATERIALISED_NAME = re.compile(r"tmp[a-z0-9_]{8}")

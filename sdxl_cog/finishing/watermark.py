@@ -34,7 +34,7 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import WATERMARK_BITS
 from imwatermark import WatermarkDecoder
 from PIL import Image
 
-from .config import WATERMARK_MIN_SIDE
+from sdxl_cog.config import WATERMARK_CPU_BAND_ROWS, WATERMARK_MIN_SIDE
 
 METHOD = "dwtDct"
 
@@ -45,9 +45,6 @@ HAAR = 0.7071067811865476
 SCALE = 36
 BLOCK = 4
 DWT_CROP = 4
-# Pixel rows marked at a time on the CPU: 16 rows of blocks; five float64 planes of 256 KB at 1024px wide;
-# the encoder, which takes each band as it is marked, gets its first rows after about 2 ms (1024px).
-CPU_BAND_ROWS = 128
 # The four pixels of each 2x2 cell as (row, column) offsets: top left, top right, bottom left, bottom right.
 QUADRANTS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
@@ -174,11 +171,11 @@ def _mark_chroma(u: torch.Tensor, first_block_row: int) -> None:
 
 
 def _row_bands(rgb: torch.Tensor) -> list[tuple[int, int]]:
-    """The (top, bottom) pixel rows marked one at a time: on the CPU, bands of CPU_BAND_ROWS, a multiple of
+    """The (top, bottom) pixel rows marked one at a time: on the CPU, bands of WATERMARK_CPU_BAND_ROWS, a multiple of
     the 8 pixel rows a block covers, small enough that a band's planes stay in the core's cache and two
     threads can share an image; elsewhere the whole image, in as few kernels as there are steps."""
     height = rgb.shape[1]
-    step = CPU_BAND_ROWS if rgb.device.type == "cpu" else height
+    step = WATERMARK_CPU_BAND_ROWS if rgb.device.type == "cpu" else height
     return [(top, min(top + step, height)) for top in range(0, height, step)]
 
 

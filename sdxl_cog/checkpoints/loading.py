@@ -1,0 +1,121 @@
+"""What setup() loads: every checkpoint, the refiner, the fp16-fix VAE and the safety checker, each module once,
+placed on the device (device/placement.py).
+
+Every module is loaded exactly once: txt2img, img2img and inpaint use the same base modules, and the refiner
+reuses the default checkpoint's text_encoder_2, tokenizer_2 and the VAE (the fp16-fix VAE for all). Components
+that are byte-identical across checkpoints (equal sha256 in the manifest) are loaded once and passed to the next
+checkpoint's from_pretrained, as the refiner borrows the base's text_encoder_2.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from sdxl_cog.checkpoints import prefetch
+from sdxl_cog.checkpoints.cache import CheckpointCache, checkpoint_budget, move_between
+from sdxl_cog.checkpoints.checkpoint import Checkpoint, StageModel
+from sdxl_cog.checkpoints.lora import LoraAdapters
+from sdxl_cog.checkpoints.registry import Checkpoints
+from sdxl_cog.config import Settings
+from sdxl_cog.device.memory import gpu_capacity
+from sdxl_cog.device.placement import Placement, make_placement, module_bytes
+from sdxl_cog.finishing.safety import SafetyChecker
+from sdxl_cog.weights import layout
+from sdxl_cog.weights.catalog import SHAREABLE, CheckpointEntry, checkpoint_entries, component_key
+
+
+@dataclass
+class LoadedWeights:
+    checkpoints: Checkpoints  # every checkpoint by name, the default first
+    refiner: StageModel  # shared by every checkpoint
+    safety_checker: SafetyChecker
+    placement: Placement  # which modules are on the device at each stage
+    manifest: dict
+    load_seconds: dict[str, float]
+
+
+def load_weights(settings: Settings) -> LoadedWeights:
+    """Check the weights, load every module once, place them (placement.py), and return them."""
+    root, dtype, seconds = settings.weights_dir, settings.dtype, {}
+    # Loading bars would arrive in the setup logs as carriage-return noise.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    started = time.perf_counter()
+
+    # 1. Fail fast, naming the file, if the weights are incomplete or corrupt.
+    manifest = layout.verify(root, full_hash=settings.verify_weights_hash)
+    seconds["verify"] = time.perf_counter() - started
+    if settings.prefetch_weights:
+        prefetch.start(root)
+
+    # 2. The fp16-fix VAE, shared by every checkpoint and the refiner.
+    vae = AutoencoderKL.from_pretrained(root / layout.VAE_DIR, dtype=dtype, variant="fp16")
+
+    # 3. The default checkpoint (base/), the refiner borrowing its second text encoder, its tokenizer and the VAE,
+    # then the further checkpoints (models/NAME), each component that equals one already loaded shared.
+    load = dict(dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False)
+    entries = checkpoint_entries(manifest)
+    base = StableDiffusionXLPipeline.from_pretrained(root / layout.BASE_DIR, vae=vae, **load)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        root / layout.REFINER_DIR,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2,
+        vae=vae,
+        **load,
+    )
+    pipelines = load_checkpoints(root, manifest, entries, base, vae=vae, **load)
+    seconds["load"] = time.perf_counter() - started - seconds["verify"]
+
+    # 4. Onto the device: every module once, or (low-VRAM mode) into pinned memory for stage by stage.
+    # The safety checker arrives on the device; in low-VRAM mode it goes back at once (0.6 GB, setup only).
+    safety_checker = SafetyChecker(root / layout.SAFETY_CHECKER_DIR, settings.device, dtype)
+    modules = {
+        "text_encoder": base.text_encoder,
+        "text_encoder_2": base.text_encoder_2,  # also the refiner's
+        "base_unet": base.unet,
+        "refiner_unet": refiner.unet,
+        "vae": vae,
+        "safety_checker": safety_checker.model,
+    }
+    placement = make_placement(settings.device, modules, settings.low_vram, gpu_capacity(settings.device))
+    listed = [
+        Checkpoint(
+            entry, pipe, StageModel.of("base", pipe, entry.profile.timestep_spacing), LoraAdapters(pipe, settings)
+        )
+        for entry, pipe in zip(entries, pipelines)
+    ]
+    shared = [refiner.unet, base.text_encoder_2, vae, safety_checker.model]
+    cache = None if placement.low_vram else _cache(settings, listed, shared)
+    checkpoints = Checkpoints(listed, placement, cache, refiner_text_encoder_2=base.text_encoder_2)
+    seconds["to_device"] = time.perf_counter() - started - seconds["verify"] - seconds["load"]
+    return LoadedWeights(checkpoints, StageModel.of("refiner", refiner), safety_checker, placement, manifest, seconds)
+
+
+def load_checkpoints(
+    root: Path, manifest: dict, entries: list[CheckpointEntry], first: StableDiffusionXLPipeline, **load
+) -> list[StableDiffusionXLPipeline]:
+    """Every checkpoint's pipeline, `first` being the first entry's: each later one reuses any component
+    byte-identical to one already loaded."""
+    loaded = {component_key(manifest, entries[0].folder, c): getattr(first, c) for c in SHAREABLE}
+    pipelines = [first]
+    for entry in entries[1:]:
+        keys = {c: component_key(manifest, entry.folder, c) for c in SHAREABLE}
+        shared = {c: loaded[k] for c, k in keys.items() if k in loaded}
+        pipe = StableDiffusionXLPipeline.from_pretrained(root / entry.folder, **shared, **load)
+        loaded.update({k: getattr(pipe, c) for c, k in keys.items()})
+        pipelines.append(pipe)
+    return pipelines
+
+
+def _cache(settings: Settings, listed: list[Checkpoint], shared: list) -> CheckpointCache:
+    """With every module resident: the checkpoints that fit the GPU's budget on it, the others in host memory."""
+    fixed = sum(module_bytes(m) for m in shared)
+    budget = settings.model_memory_bytes or checkpoint_budget(gpu_capacity(settings.device), fixed)
+    own = {checkpoint.name: checkpoint.own_modules() for checkpoint in listed}
+    return CheckpointCache(own, shared, budget, move_between(settings.device))

@@ -1,0 +1,1 @@
+"""One generation: prompt encoding, the diffusers pipelines of each stage, samplers, decoding."""
