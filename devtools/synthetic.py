@@ -438,6 +438,29 @@ def write_tokenizer(directory: Path, vocab_size: int, pad_token: str) -> None:
     )
 
 
+def merge_words(directory: Path, words: list[str]) -> None:
+    """Make each of `words` one token for the tokenizer in `directory`: BPE merges that join its characters, and
+    vocabulary entries for the pieces in place of filler ids. The files are replaced, not written through, so a
+    tokenizer hard-linked from another checkpoint is left as it was."""
+    vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+    fillers = sorted((i, t) for t, i in vocab.items() if t.startswith("<|filler_"))
+    merges = []
+    for word in words:
+        piece = word[0]
+        for i, character in enumerate(word[1:], start=2):
+            joined = piece + character + ("</w>" if i == len(word) else "")
+            merges.append(f"{piece} {character}{'</w>' if i == len(word) else ''}")
+            if joined not in vocab:
+                index, filler = fillers.pop(0)
+                del vocab[filler]
+                vocab[joined] = index
+            piece = joined
+    for name in ("vocab.json", "merges.txt"):
+        (directory / name).unlink()
+    _write_json(directory / "vocab.json", vocab, ensure_ascii=False)
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
+
+
 def _vocab(vocab_size: int) -> dict[str, int]:
     """CLIP's id order: 256 byte characters, the same ending a word ("</w>"), filler, then BOS and EOS.
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from devtools.synthetic import TURBO_PROFILE, add_model, lora_state_dict
+from devtools.synthetic import TURBO_PROFILE, add_model, lora_state_dict, merge_words
 from sdxl_cog.checkpoints.cache import CheckpointCache
 from sdxl_cog.config import WATERMARK_MIN_SIDE
 from sdxl_cog.device import placement as placement_module
@@ -21,7 +21,7 @@ from sdxl_cog.errors import InputError
 from sdxl_cog.outputs.metadata import read_parameters
 from sdxl_cog.service import SDXLService
 from sdxl_cog.weights.catalog import checkpoint_entries
-from sdxl_cog.weights.layout import read_manifest, verify
+from sdxl_cog.weights.layout import read_manifest, verify, write_manifest
 from tests.conftest import DEFAULT_OPTIONS, TEST_SIDE, FakeGpuPlacement, max_diff, run
 
 A, B, C, TURBO = "sdxl-base", "anime", "photo", "turbo"
@@ -266,3 +266,19 @@ def test_lru_order_shared_modules_and_pinned_ones():
     # c (20) needs a's 20 bytes (its own and "shared", which no resident checkpoint holds any more).
     assert cache.use("c") == ["a"] and list(cache.resident) == ["d", "c"]
     assert cache.used_bytes() == 4 * 30
+
+
+def test_the_prompt_length_is_checked_with_the_tokenizers_of_the_chosen_model(settings, weights_copy):
+    """A checkpoint whose tokenizers read "aa" as one token takes a prompt that the default's (one token a
+    character) finds too long: the limit is the chosen model's, not the default's."""
+    add_model(weights_copy, "words", seed=4, own=("text_encoder", "text_encoder_2"))
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        merge_words(weights_copy / "models" / "words" / tokenizer, ["aa"])
+    manifest = read_manifest(weights_copy)
+    write_manifest(weights_copy, manifest["sources"], models=manifest["models"])
+    service = _service(settings, weights_copy)
+    prompt = " ".join(["aa"] * 400)  # 800 tokens a character at a time, 400 as words
+    with pytest.raises(InputError, match="prompt is 800 tokens long"):
+        run(service, prompt=prompt, num_inference_steps=1)
+    result = run(service, model="words", prompt=prompt, num_inference_steps=1)
+    assert result.metrics["model"] == "words"
