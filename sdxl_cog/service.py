@@ -15,6 +15,7 @@ from .config import Settings
 from .errors import InputError
 from .generate import generate
 from .gpu_memory import PeakMemoryMeter
+from .health import DeviceHealth
 from .lora import LoraAdapters
 from .memory import MemoryBudget, gpu_capacity, out_of_memory_error, release_memory
 from .outputs import BackgroundEncoder, OutputDirectory, parameters_text
@@ -56,6 +57,7 @@ class SDXLService:
         claim_input_dir(settings.input_dir)
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.models.placement.peak_bytes)
         self.gpu_memory = PeakMemoryMeter.for_device(settings.device)
+        self.health = DeviceHealth.for_device(settings.device)  # what the predictor's healthcheck() reports
 
     def profile(self, model: str | None) -> Profile:
         """The defaults of the checkpoint `model` names (None: the default one); InputError if there is none."""
@@ -101,6 +103,9 @@ class SDXLService:
                 paths = encoder.wait()
         except torch.OutOfMemoryError:
             out_of_memory = True
+        except Exception as error:
+            self.health.record(error)  # a sticky CUDA error: the GPU is lost, and healthcheck() says so from now on
+            raise
         finally:
             # A request's LoRA never outlives it, whether it succeeded, failed or was cancelled.
             loras.deactivate()
