@@ -48,7 +48,7 @@ CUDA_ERROR_PREFIXES = ("CUDA error: ", "CUDA driver error: ")
 MAX_CAUSES = 8
 # Below coglet's 5 s healthcheck timeout and deploy/probe.py's 4 s request timeout, so that a hung GPU gets
 # its own message in /health-check and the probes read it. A tiny kernel takes microseconds, also beside a
-# running prediction: its stream does not wait for the prediction's kernels.
+# running prediction (its stream does not wait for the prediction's), so the margin is wide.
 DEVICE_CHECK_TIMEOUT_S = 2.0
 
 
@@ -145,7 +145,9 @@ def cuda_device_check(device: str) -> Callable[[], None]:
     allocated here, at setup, so that a GPU full of a prediction's tensors does not fail it: only a broken
     device does."""
     number = torch.zeros(1, dtype=torch.int64, device=device)
-    stream = torch.cuda.Stream(device)  # not the predictions' stream: no waiting behind their kernels
+    # A pooled stream, created non-blocking (c10/cuda/CUDAStream.cpp): its kernels do not queue behind the
+    # ones a prediction runs on the default stream.
+    stream = torch.cuda.Stream(device)
     runs = itertools.count(1)
 
     def check() -> None:
@@ -153,7 +155,7 @@ def cuda_device_check(device: str) -> Callable[[], None]:
         with torch.cuda.stream(stream):
             number.fill_(n)
             number.add_(1)
-            stream.synchronize()  # waits without holding the GIL, unlike .item()
+            stream.synchronize()  # waits with the GIL released: a hung GPU stalls this thread only
             total = int(number.item())
         if total != n + 1:
             raise DeviceUnhealthy(f"the GPU computed {n} + 1 = {total}")
