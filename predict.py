@@ -35,6 +35,12 @@ class Predictor(BasePredictor):
         """Load base, refiner, VAE and safety checker from weights/ (SDXL_WEIGHTS_DIR) once."""
         self.service = SDXLService(Settings.from_env())
 
+    def healthcheck(self) -> bool:
+        """Cog calls this for GET /health-check once setup is done: an exception saying why the GPU cannot
+        serve (sdxl_cog/device/health.py) makes the status UNHEALTHY, so that the probes restart the container."""
+        self.service.health.check()
+        return True
+
     def predict(
         self,
         prompt: str = Input(

@@ -39,7 +39,8 @@ PASSING_STATUSES = {
     # startupProbe: setup() has finished, either way; from then on the liveness probe decides.
     "started": {"READY", "BUSY", "SETUP_FAILED", "DEFUNCT", "UNHEALTHY"},
     # livenessProbe: restart the container in the states Cog never leaves by itself (a failed
-    # setup, a dead worker: Cog does not respawn it). STARTING passes: loading weights takes minutes.
+    # setup, a dead worker: Cog does not respawn it), and on a broken GPU (UNHEALTHY from the predictor's
+    # healthcheck(), sdxl_cog/device/health.py). STARTING passes: loading weights takes minutes.
     "live": {"STARTING", "READY", "BUSY"},
 }
 

@@ -12,6 +12,7 @@ import torch
 from sdxl_cog.checkpoints.checkpoint import Checkpoint
 from sdxl_cog.checkpoints.loading import load_weights
 from sdxl_cog.config import Settings
+from sdxl_cog.device.health import DeviceHealth
 from sdxl_cog.device.memory import MemoryBudget, PeakMemoryMeter, gpu_capacity, out_of_memory_error, release_memory
 from sdxl_cog.errors import InputError
 from sdxl_cog.generation.generate import generate
@@ -48,6 +49,7 @@ class SDXLService:
         claim_input_dir(settings.input_dir)
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.weights.placement.peak_bytes)
         self.gpu_memory = PeakMemoryMeter.for_device(settings.device)
+        self.health = DeviceHealth.for_device(settings.device)  # what the predictor's healthcheck() reports
 
     def profile(self, model: str | None) -> Profile:
         """The defaults of the checkpoint `model` names (None: the default one); InputError if there is none."""
@@ -92,6 +94,9 @@ class SDXLService:
                 paths = encoder.wait()
         except torch.OutOfMemoryError:
             out_of_memory = True
+        except Exception as error:
+            self.health.record(error)  # a sticky CUDA error: the GPU is lost, and healthcheck() says so from now on
+            raise
         finally:
             # A request's LoRA never outlives it, whether it succeeded, failed or was cancelled.
             checkpoint.loras.deactivate()

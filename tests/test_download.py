@@ -3,11 +3,14 @@
 The mirror copies the real repos' layouts (main branch) with small stand-in files, including everything
 the layout must skip: the base's own VAE, full-precision and ONNX/OpenVINO/Flax weights, single-file
 checkpoints, the refiner's text_encoder_2. The Hub path runs the real huggingface_hub calls against a
-local stand-in for the Hub API (HF_ENDPOINT); diffusers' single-file conversion is the one part replaced.
+local stand-in for the Hub API (HF_ENDPOINT). Single-file checkpoints are written in Stability's original
+layout from the tiny synthetic model (devtools/single_file.py) and converted by diffusers' real
+from_single_file, against a mirror that holds that tiny model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import importlib.machinery
@@ -21,17 +24,20 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-from sdxl_cog.weights import convert, sources, url_download
+from devtools.single_file import write_single_file
+from sdxl_cog.service import SDXLService
 from sdxl_cog.weights import download as dl
+from sdxl_cog.weights import sources, url_download
 from sdxl_cog.weights.layout import MANIFEST_NAME, REQUIRED_FILES, WeightsError, read_manifest, sha256_of, verify
+from tests.conftest import pixels, run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "script" / "download-weights"
@@ -452,54 +458,98 @@ def test_hf_token_goes_only_to_the_hub(monkeypatch):
     assert url_download.hf_auth_headers("https://huggingface.co.evil.example/x.safetensors") == {}
 
 
-def test_single_file_url_is_converted_with_the_stock_configs(mirror, tmp_path, server, monkeypatch):
-    """Plumbing only: diffusers' conversion is replaced, since it needs a full original-format checkpoint."""
-    calls = []
+# --- --base: a single-file checkpoint, converted by diffusers for real -----------------------------------
 
-    def from_single_file(path, **kwargs):
-        calls.append((Path(path).read_bytes() == BLOB, kwargs))
-        return SimpleNamespace(**{c: TinyModel() for c in ("unet", "text_encoder", "text_encoder_2")})
+# What a single-file checkpoint gives the layout: the base's models. Its VAE, if baked in, is left out.
+CONVERTED = ("unet", "text_encoder", "text_encoder_2")
 
-    monkeypatch.setattr(convert.StableDiffusionXLPipeline, "from_single_file", from_single_file)
-    url = server().url("animagine-xl-4.0.safetensors")
+
+@pytest.fixture
+def tiny_hub(tiny_weights, tmp_path, monkeypatch) -> Path:
+    """A mirror whose four repos hold the tiny synthetic model, so that the layout it fills is one setup()
+    loads. The stock base's configs and tokenizers are what a single-file checkpoint is converted with; the
+    Hub itself is a closed port, so a conversion that reached for it would fail at once."""
+    root = tmp_path / "tiny-hub"
+    for folder, repo in PART_REPOS.items():
+        shutil.copytree(tiny_weights / folder, root / repo)
+    monkeypatch.setenv(sources.MIRROR_ENV, str(root))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    return root
+
+
+def assert_same_weights(converted_base: Path, original_base: Path) -> None:
+    """Every tensor of each converted model equals the original's: same names, fp16, same values."""
+    for component in CONVERTED:
+        (original_file,) = (original_base / component).glob("*.fp16.safetensors")
+        (converted_file,) = (converted_base / component).glob("*.fp16.safetensors")
+        original, converted = safetensors.torch.load_file(original_file), safetensors.torch.load_file(converted_file)
+        assert converted.keys() == original.keys(), component
+        for name, tensor in original.items():
+            assert converted[name].dtype == torch.float16 and torch.equal(converted[name], tensor), (component, name)
+
+
+def test_single_file_url_converts_back_to_the_model_it_was_written_from_and_serves(
+    tiny_hub, tiny_weights, tmp_path, server, settings, service
+):
+    """A fine-tune's file (UNet, both text encoders, a VAE baked in) fetched over HTTP and converted by diffusers
+    with the stock base's configs: the layout gets the tiny model back, tensor for tensor, and setup() serves
+    it, drawing what the original draws."""
+    blob = write_single_file(tiny_weights, tmp_path / "fine-tune.safetensors").read_bytes()
+    url = server(blob).url("fine-tune.safetensors")
     dest = tmp_path / "weights"
 
     manifest = dl.download(dest, base=url)
 
-    [(got_blob, kwargs)] = calls
-    assert got_blob and kwargs["config"] == str(dest / "base") and kwargs["vae"] is None
-    assert kwargs["torch_dtype"] == torch.float16 and kwargs["local_files_only"] is True
-    assert layout_files(dest) == EXPECTED_FILES
-    assert manifest["sources"]["base"].startswith(f"{url} -> sha256:{hashlib.sha256(BLOB).hexdigest()} (configs ")
-    assert (dest / "base/tokenizer_2/vocab.json").read_bytes() == (
-        mirror / BASE / "tokenizer_2/vocab.json"
-    ).read_bytes()
+    assert layout_files(dest) == EXPECTED_FILES  # no base/vae: the fp16-fix VAE is used, not the baked one
+    assert manifest["sources"]["base"].startswith(f"{url} -> sha256:{hashlib.sha256(blob).hexdigest()} (configs ")
     assert not (dest / dl.STAGING).exists()  # the 7 GB checkpoint is not left in the image
+    assert_same_weights(dest / "base", tiny_weights / "base")
+    converted = SDXLService(dataclasses.replace(settings, weights_dir=dest))
+    assert np.array_equal(pixels(run(converted, seed=7).images[0]), pixels(run(service, seed=7).images[0]))
 
 
-def test_single_file_that_is_not_sdxl_fails_with_a_clear_message(mirror, tmp_path, tiny_weights):
-    """diffusers' real from_single_file, with real configs and tokenizers, rejecting foreign keys."""
-    for config in (tiny_weights / "base").rglob("*"):
-        if config.is_file() and config.suffix != ".safetensors":
-            shutil.copyfile(config, mirror / BASE / config.relative_to(tiny_weights / "base"))
+def test_single_file_without_a_baked_vae_converts_the_same(tiny_hub, tiny_weights, tmp_path):
+    checkpoint = write_single_file(tiny_weights, tmp_path / "no-vae.safetensors", parts=CONVERTED)
+    dl.download(tmp_path / "weights", base=str(checkpoint))
+    assert_same_weights(tmp_path / "weights" / "base", tiny_weights / "base")
+
+
+def test_the_baked_vae_is_one_diffusers_converts(tiny_weights, tmp_path):
+    """The checkpoint's VAE, which the download leaves out, is a faithful one: diffusers reads it back."""
+    checkpoint = write_single_file(tiny_weights, tmp_path / "vae-only.safetensors", parts=("vae",))
+    vae = AutoencoderKL.from_single_file(
+        str(checkpoint), config=str(tiny_weights / "vae"), torch_dtype=torch.float16, local_files_only=True
+    )
+    original = safetensors.torch.load_file(tiny_weights / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    converted = vae.state_dict()
+    assert converted.keys() == original.keys()
+    assert all(torch.equal(converted[name], tensor) for name, tensor in original.items())
+
+
+@pytest.mark.parametrize(
+    "parts, missing",
+    [
+        (("unet", "vae"), "text_encoder (keys conditioner.embedders.0.transformer.*), text_encoder_2 ("),
+        (("unet", "text_encoder", "vae"), "text_encoder_2 (keys conditioner.embedders.1.model.*)"),
+        (("text_encoder", "text_encoder_2", "vae"), "unet (keys model.diffusion_model.*)"),
+    ],
+    ids=["no-text-encoders", "no-text-encoder-2", "no-unet"],
+)
+def test_single_file_lacking_a_model_is_refused_naming_it(tiny_hub, tiny_weights, tmp_path, parts, missing):
+    """diffusers refuses these itself, naming the wrong part or none (a bare KeyError without the UNet)."""
+    checkpoint = write_single_file(tiny_weights, tmp_path / "partial.safetensors", parts=parts)
+    with pytest.raises(dl.DownloadError, match="partial.safetensors is not a full SDXL checkpoint") as error:
+        dl.download(tmp_path / "weights", base=str(checkpoint))
+    assert f"it has no weights for {missing}" in str(error.value)
+
+
+def test_single_file_that_is_not_sdxl_fails_with_a_clear_message(tiny_hub, tmp_path):
     checkpoint = tmp_path / "not-sdxl.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(2)}, checkpoint)
     with pytest.raises(dl.DownloadError, match="not-sdxl.safetensors is not a full SDXL checkpoint") as error:
         dl.download(tmp_path / "weights", base=str(checkpoint))
-    assert "Weights for this component appear to be missing" in str(error.value)
+    assert "it has no weights for unet (keys model.diffusion_model.*), text_encoder" in str(error.value)
     assert "\n" not in str(error.value)
-
-
-class TinyModel(torch.nn.Module):
-    """Saves like diffusers/transformers models do: config.json plus the variant weights file."""
-
-    def save_pretrained(self, directory: Path, variant: str, max_shard_size: str):
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text("{}")
-        stem = "diffusion_pytorch_model" if directory.name == "unet" else "model"
-        safetensors.torch.save_file(
-            {"w": torch.ones(2, dtype=torch.float16)}, directory / f"{stem}.{variant}.safetensors"
-        )
 
 
 # --- Choosing sources, and the CLI ----------------------------------------------------------------------

@@ -23,6 +23,14 @@ logger = logging.getLogger(__name__)
 
 # setup() expects one file per component, so nothing is sharded (the largest, the base UNet, is 5.1 GB).
 NO_SHARDING = "100GB"
+# The key prefix of each component converted from a single-file checkpoint (Stability's layout, which
+# from_single_file reads). Named when a checkpoint lacks one, as diffusers' own error names the wrong part
+# (without text_encoder_2 it reports text_encoder's weights missing) or none (without a UNet, a bare KeyError).
+SINGLE_FILE_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "text_encoder": "conditioner.embedders.0.transformer.",
+    "text_encoder_2": "conditioner.embedders.1.model.",
+}
 
 
 def _read_safetensors(path: Path):
@@ -64,7 +72,19 @@ def convert_single_file(checkpoint: Path, folder: Path, components: list[str]) -
             str(checkpoint), config=str(folder), vae=None, torch_dtype=torch.float16, local_files_only=True
         )
     except (SingleFileComponentError, ValueError, KeyError) as e:
-        reason = str(e).splitlines()[0]  # the rest is diffusers' advice to Python callers
+        missing = _missing_components(checkpoint)
+        # Otherwise diffusers' first line: the rest is its advice to Python callers.
+        reason = f"it has no weights for {', '.join(missing)}" if missing else str(e).splitlines()[0]
         raise DownloadError(f"{checkpoint} is not a full SDXL checkpoint that diffusers can convert: {reason}") from e
     for component in components:
         getattr(pipe, component).save_pretrained(folder / component, variant="fp16", max_shard_size=NO_SHARDING)
+
+
+def _missing_components(checkpoint: Path) -> list[str]:
+    with safe_open(checkpoint, framework="pt") as f:
+        keys = list(f.keys())
+    return [
+        f"{component} (keys {prefix}*)"
+        for component, prefix in SINGLE_FILE_PREFIXES.items()
+        if not any(key.startswith(prefix) for key in keys)
+    ]
