@@ -81,7 +81,7 @@ def load_models(size: str, device: str, dtype: torch.dtype, scratch: Path, befor
     weights = scratch / "weights"
     synthetic.make_weights(weights, size="tiny", seed=0)
     checker_dir = weights / synthetic.SAFETY_CHECKER_DIR
-    new = SafetyChecker(checker_dir, device, dtype)
+    new = SafetyChecker.from_directory(checker_dir, device, dtype)
     old = before.safety.SafetyChecker(checker_dir, device, dtype)
     if size == "tiny":
         vae = AutoencoderKL.from_pretrained(weights / synthetic.VAE_DIR, variant="fp16")

@@ -168,7 +168,7 @@ SAFETY_SIZES = [(256, 256), (1024, 1024), (776, 520), (520, 776), (2048, 1336)]
 
 @pytest.fixture(scope="module")
 def checker(tiny_weights):
-    return SafetyChecker(tiny_weights / SAFETY_CHECKER_DIR, "cpu", torch.float32)
+    return SafetyChecker.from_directory(tiny_weights / SAFETY_CHECKER_DIR, "cpu", torch.float32)
 
 
 def safety_inputs() -> list[np.ndarray]:

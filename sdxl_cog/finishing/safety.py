@@ -18,13 +18,18 @@ from transformers import CLIPImageProcessor
 
 
 class SafetyChecker:
-    def __init__(self, directory: Path, device: str, dtype: torch.dtype):
-        self.model = (
-            StableDiffusionSafetyChecker.from_pretrained(directory, dtype=dtype, variant="fp16").to(device).eval()
-        )
+    def __init__(
+        self, model: StableDiffusionSafetyChecker, processor: CLIPImageProcessor, device: str, dtype: torch.dtype
+    ):
+        self.model = model.to(device).eval()
         # Only its settings are used on the serving path (sizes, mean and std of the checkpoint).
-        self.processor = CLIPImageProcessor.from_pretrained(directory)
+        self.processor = processor
         self.device, self.dtype = device, dtype
+
+    @classmethod
+    def from_directory(cls, directory: Path, device: str, dtype: torch.dtype) -> SafetyChecker:
+        model = StableDiffusionSafetyChecker.from_pretrained(directory, dtype=dtype, variant="fp16")
+        return cls(model, CLIPImageProcessor.from_pretrained(directory), device, dtype)
 
     @torch.inference_mode()
     def clip_input(self, images: torch.Tensor) -> torch.Tensor:
