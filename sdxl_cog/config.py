@@ -93,6 +93,22 @@ REFERENCE_REQUEST = dict(width=1024, height=1024, num_outputs=4)
 # them twice; leave room for the process itself.
 PREFETCH_CACHE_FRACTION = 0.8
 
+# --- The compiled fast path, SDXL_COMPILE (device/compilation.py, generation/warmup.py) -------------------------
+# predict.py's num_outputs bound: a size to compile (SDXL_COMPILE_SIZES) may name up to this many outputs.
+MAX_OUTPUTS = 4
+# Each size in SDXL_COMPILE_SIZES costs compilation at the first start (a graph per distinct transformer-block shape
+# of each UNet and one VAE decoder); eight sizes already cover SDXL's usual aspect-ratio buckets at one megapixel.
+MAX_COMPILE_SIZES = 8
+# A warm-up request runs one base step and one refiner step (expert ensemble, split in the middle): enough to compile
+# every graph a request of its size runs, since the graphs do not depend on the step.
+WARMUP_STEPS = 2
+WARMUP_HIGH_NOISE_FRAC = 0.5
+# torch.compile's recompile limit counts the graphs of one function and, past it, runs it uncompiled (torch's default:
+# 8). Every transformer block of both UNets shares one forward: five graphs per size and guidance setting (a graph
+# per block shape: the base's two attention levels, the refiner's two and its deeper mid block). The warm-up must hold
+# them all: MAX_COMPILE_SIZES sizes, with and without guidance.
+WARMUP_RECOMPILE_LIMIT = 5 * MAX_COMPILE_SIZES * 2
+
 # --- LoRA downloads (checkpoints/lora.py) ------------------------------------------------------------------------
 # Hub and CDN links redirect once or twice (a Hugging Face resolve URL to its CDN): more is a loop.
 MAX_REDIRECTS = 5
@@ -133,6 +149,28 @@ def _env_int(name: str, default: int) -> int:
     return default if not value else int(value)
 
 
+CompileSize = tuple[int, int, int]  # width, height, num_outputs
+
+
+def parse_compile_sizes(text: str) -> tuple[CompileSize, ...]:
+    """SDXL_COMPILE_SIZES: `WxH` or `WxHxN` (N outputs, default 1), comma-separated; ValueError naming the bad one."""
+    sizes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        fields = item.lower().split("x")
+        valid = len(fields) in (2, 3) and all(f.isdigit() for f in fields)
+        width, height, outputs = ([int(f) for f in fields] + [1])[:3] if valid else (0, 0, 0)
+        sides_ok = all(MIN_SIDE <= side <= MAX_SIDE and side % SIDE_MULTIPLE == 0 for side in (width, height))
+        if not (valid and sides_ok and 1 <= outputs <= MAX_OUTPUTS):
+            raise ValueError(
+                f"SDXL_COMPILE_SIZES: {item!r} is not WIDTHxHEIGHT[xOUTPUTS] with sides {MIN_SIDE}..{MAX_SIDE} in "
+                f"multiples of {SIDE_MULTIPLE} and 1..{MAX_OUTPUTS} outputs (e.g. 1024x1024,1152x896,1024x1024x4)."
+            )
+        sizes.append((width, height, outputs))
+    if len(sizes) > MAX_COMPILE_SIZES:
+        raise ValueError(f"SDXL_COMPILE_SIZES lists {len(sizes)} sizes; at most {MAX_COMPILE_SIZES} are compiled.")
+    return tuple(dict.fromkeys(sizes))
+
+
 # SDXL_DTYPE's accepted names, to the torch dtype's name (resolved in Settings.from_env, where torch is loaded).
 DTYPES = {
     "float16": "float16",
@@ -166,6 +204,10 @@ class Settings:
     low_vram: bool | None  # None: decided at setup from the GPU's memory (memory.needs_low_vram)
     # GPU bytes for the checkpoints' own modules (models.py); None: what the card leaves (models.checkpoint_budget).
     model_memory_bytes: int | None = None
+    compile: bool = False  # SDXL_COMPILE: the compiled fast path (device/compilation.py)
+    compile_cache_dir: Path = Path("/tmp/sdxl-compile-cache")
+    # The sizes setup() compiles (width, height, outputs); empty: each checkpoint's profile size, one output.
+    compile_sizes: tuple[CompileSize, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -209,4 +251,9 @@ class Settings:
             ),
             low_vram=_env_auto_bool("SDXL_LOW_VRAM"),
             model_memory_bytes=_env_int("SDXL_MODEL_MEMORY_BYTES", 0) or None,
+            # Off until measured on the target GPU with `make gpu-check` (README, "The compiled fast path").
+            compile=_env_bool("SDXL_COMPILE", False),
+            # Compiled kernels for the next start; a volume in deploy/ keeps them across container restarts.
+            compile_cache_dir=_env_path("SDXL_COMPILE_CACHE_DIR", Path("/tmp/sdxl-compile-cache")),
+            compile_sizes=parse_compile_sizes(os.environ.get("SDXL_COMPILE_SIZES", "")),
         )

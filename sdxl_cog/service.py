@@ -4,20 +4,23 @@ Cog so that tests and benchmarks can drive it directly."""
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdxl_cog.checkpoints.checkpoint import Checkpoint
-from sdxl_cog.checkpoints.loading import load_weights
+from sdxl_cog.checkpoints.loading import Pipelines, assemble, read_pipelines
 from sdxl_cog.config import Settings
+from sdxl_cog.device import compilation
 from sdxl_cog.device.health import DeviceHealth
 from sdxl_cog.device.memory import MemoryBudget, PeakMemoryMeter, gpu_capacity, out_of_memory_error, release_memory
 from sdxl_cog.errors import InputError
 from sdxl_cog.generation.generate import generate
 from sdxl_cog.generation.prompts import check_prompt_lengths
 from sdxl_cog.generation.schedulers import SCHEDULERS
+from sdxl_cog.generation.warmup import warm_up
 from sdxl_cog.inputs.request import GenerationRequest, Refine
 from sdxl_cog.inputs.uploads import claim_input_dir, sweep_stale_inputs
 from sdxl_cog.outputs.directory import OutputDirectory
@@ -41,10 +44,15 @@ class Prediction:
 
 
 class SDXLService:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, pipelines: Pipelines | None = None):
+        """`pipelines`: modules already in memory (bench/gpu_check.py synthesizes them); None: read from
+        settings.weights_dir."""
         self.settings = settings
-        self.weights = load_weights(settings)
+        self.weights = assemble(settings, pipelines or read_pipelines(settings))
         self.checkpoints = self.weights.checkpoints
+        if self.weights.compiled is not None:
+            # SDXL_COMPILE: compiled now, so that no request pays for it (generation/warmup.py).
+            self.weights.load_seconds["warmup"] = warm_up(self.weights, settings.compile_sizes, settings.device)
         self.outputs = OutputDirectory(settings.output_dir, settings.output_keep)
         claim_input_dir(settings.input_dir)
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.weights.placement.peak_bytes)
@@ -79,7 +87,10 @@ class SDXLService:
             load_seconds = self.checkpoints.activate(checkpoint)
             checkpoint.loras.activate(lora, lora_scale)
             # Each image is encoded in the background as soon as it is ready, while the next one decodes.
-            with BackgroundEncoder(texts, directory, tag, options.output_format, options.output_quality) as encoder:
+            with (
+                self._compiled_stance(lora is not None),
+                BackgroundEncoder(texts, directory, tag, options.output_format, options.output_quality) as encoder,
+            ):
                 result = generate(
                     self.weights,
                     checkpoint.model,
@@ -130,6 +141,10 @@ class SDXLService:
             **{f"model_defaults.{name}": value for name, value in req.profile_defaults.items()},
         }
         return Prediction(paths, metrics)
+
+    def _compiled_stance(self, lora: bool) -> AbstractContextManager:
+        """With SDXL_COMPILE: the warmed sizes run compiled, anything else (and a LoRA) uncompiled; nothing compiles."""
+        return compilation.serving(lora) if self.weights.compiled is not None else nullcontext()
 
     def _tokenizers(self, checkpoint: Checkpoint, req: GenerationRequest) -> list:
         """The tokenizers of the stages this request runs: the prompt must fit each of them."""

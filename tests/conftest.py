@@ -170,6 +170,20 @@ def service(settings) -> SDXLService:
     return SDXLService(settings)
 
 
+@pytest.fixture(scope="session")
+def compiled_service(settings, tmp_path_factory) -> SDXLService:
+    """SDXL_COMPILE on the tiny weights, warmed up for TEST_SIDE with one output (the first build compiles, about a
+    minute on 2 cores). Its cache (settings.compile_cache_dir) then holds every graph a request of that size runs,
+    so another process with the same cache compiles nothing (tests/test_gpu_check.py)."""
+    compiled = dataclasses.replace(
+        settings,
+        compile=True,
+        compile_cache_dir=tmp_path_factory.mktemp("compile-cache"),
+        compile_sizes=((TEST_SIDE, TEST_SIDE, 1),),
+    )
+    return SDXLService(compiled)
+
+
 @pytest.fixture
 def weights_copy(tiny_weights, tmp_path) -> Path:
     """A private copy of the tiny weights that a test may alter."""

@@ -130,6 +130,7 @@ def test_engine_constants_match_predict_py():
         assert f"Default {SDXL_SIDE} " in props[side]["description"]
         assert f"multiple of {config.SIDE_MULTIPLE}." in props[side]["description"]
     assert props["seed"]["maximum"] == config.MAX_SEED
+    assert props["num_outputs"]["maximum"] == config.MAX_OUTPUTS
     for prompt in ("prompt", "negative_prompt"):
         assert props[prompt]["maxLength"] == config.MAX_PROMPT_CHARS
         assert f"Up to {config.MAX_PROMPT_TOKENS} tokens" in props[prompt]["description"]

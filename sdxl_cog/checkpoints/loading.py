@@ -1,5 +1,8 @@
 """What setup() loads: every checkpoint, the refiner, the fp16-fix VAE and the safety checker, each module once,
-placed on the device (device/placement.py).
+compiled when SDXL_COMPILE asks for it (device/compilation.py) and placed on the device (device/placement.py).
+
+Two halves: read_pipelines() reads the modules from a weights directory, assemble() compiles, places and indexes
+modules already in memory, wherever they came from (bench/gpu_check.py synthesizes them on the GPU).
 
 Every module is loaded exactly once: txt2img, img2img and inpaint use the same base modules, and the refiner
 reuses the default checkpoint's text_encoder_2, tokenizer_2 and the VAE (the fp16-fix VAE for all). Components
@@ -10,7 +13,7 @@ checkpoint's from_pretrained, as the refiner borrows the base's text_encoder_2.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -23,11 +26,27 @@ from sdxl_cog.checkpoints.checkpoint import Checkpoint, StageModel
 from sdxl_cog.checkpoints.lora import LoraAdapters
 from sdxl_cog.checkpoints.registry import Checkpoints
 from sdxl_cog.config import Settings
+from sdxl_cog.device import compilation
+from sdxl_cog.device.compilation import Compiled
 from sdxl_cog.device.memory import gpu_capacity
 from sdxl_cog.device.placement import Placement, make_placement, module_bytes
 from sdxl_cog.finishing.safety import SafetyChecker
 from sdxl_cog.weights import layout
 from sdxl_cog.weights.catalog import SHAREABLE, CheckpointEntry, checkpoint_entries, component_key
+
+
+@dataclass
+class Pipelines:
+    """Every module setup() serves, in memory but not yet compiled or placed: each checkpoint's pipeline (the default
+    first, all on the shared VAE), the refiner (on the default's text_encoder_2, tokenizer_2 and the VAE) and the
+    safety checker. read_pipelines() makes them from a weights directory; bench/gpu_check.py synthesizes them."""
+
+    entries: list[CheckpointEntry]
+    checkpoints: list[StableDiffusionXLPipeline]
+    refiner: StableDiffusionXLImg2ImgPipeline
+    safety_checker: SafetyChecker
+    manifest: dict = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # what reading them took, by phase
 
 
 @dataclass
@@ -38,10 +57,16 @@ class LoadedWeights:
     placement: Placement  # which modules are on the device at each stage
     manifest: dict
     load_seconds: dict[str, float]
+    compiled: Compiled | None = None  # SDXL_COMPILE's fused and compiled UNets (device/compilation.py); None: off
 
 
 def load_weights(settings: Settings) -> LoadedWeights:
     """Check the weights, load every module once, place them (placement.py), and return them."""
+    return assemble(settings, read_pipelines(settings))
+
+
+def read_pipelines(settings: Settings) -> Pipelines:
+    """Steps 1-3: the weights directory checked against its manifest, then every module read from it once."""
     root, dtype, seconds = settings.weights_dir, settings.dtype, {}
     # Loading bars would arrive in the setup logs as carriage-return noise.
     diffusers_logging.disable_progress_bar()
@@ -58,7 +83,8 @@ def load_weights(settings: Settings) -> LoadedWeights:
     vae = AutoencoderKL.from_pretrained(root / layout.VAE_DIR, dtype=dtype, variant="fp16")
 
     # 3. The default checkpoint (base/), the refiner borrowing its second text encoder, its tokenizer and the VAE,
-    # then the further checkpoints (models/NAME), each component that equals one already loaded shared.
+    # then the further checkpoints (models/NAME), each component that equals one already loaded shared; and the
+    # safety checker, which arrives on the device (in low-VRAM mode placement sends it back at once: 0.6 GB).
     load = dict(dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False)
     entries = checkpoint_entries(manifest)
     base = StableDiffusionXLPipeline.from_pretrained(root / layout.BASE_DIR, vae=vae, **load)
@@ -70,11 +96,28 @@ def load_weights(settings: Settings) -> LoadedWeights:
         **load,
     )
     pipelines = load_checkpoints(root, manifest, entries, base, vae=vae, **load)
+    safety_checker = SafetyChecker.from_directory(root / layout.SAFETY_CHECKER_DIR, settings.device, dtype)
     seconds["load"] = time.perf_counter() - started - seconds["verify"]
+    return Pipelines(entries, pipelines, refiner, safety_checker, manifest, seconds)
 
-    # 4. Onto the device: every module once, or (low-VRAM mode) into pinned memory for stage by stage.
-    # The safety checker arrives on the device; in low-VRAM mode it goes back at once (0.6 GB, setup only).
-    safety_checker = SafetyChecker(root / layout.SAFETY_CHECKER_DIR, settings.device, dtype)
+
+def assemble(settings: Settings, pipelines: Pipelines) -> LoadedWeights:
+    """Steps 4-5 on modules already in memory: compiled (SDXL_COMPILE), then placed on the device and indexed by
+    checkpoint."""
+    started, seconds = time.perf_counter(), dict(pipelines.seconds)
+    base, refiner = pipelines.checkpoints[0], pipelines.refiner
+    vae, safety_checker = base.vae, pipelines.safety_checker
+
+    # 4. SDXL_COMPILE: fused projections, channels_last and the blocks marked for compilation (device/compilation.py),
+    # before placement so that the fused copies are counted and moved with the rest; the service warms them up.
+    compiled = None
+    if settings.compile:
+        unets = [pipe.unet for pipe in pipelines.checkpoints] + [refiner.unet]
+        compiled, summary = compilation.prepare(unets, vae, settings.device, settings.compile_cache_dir)
+        print(summary, flush=True)
+        seconds["compile"] = time.perf_counter() - started
+
+    # 5. Onto the device: every module once, or (low-VRAM mode) into pinned memory for stage by stage.
     modules = {
         "text_encoder": base.text_encoder,
         "text_encoder_2": base.text_encoder_2,  # also the refiner's
@@ -86,15 +129,19 @@ def load_weights(settings: Settings) -> LoadedWeights:
     placement = make_placement(settings.device, modules, settings.low_vram, gpu_capacity(settings.device))
     listed = [
         Checkpoint(
-            entry, pipe, StageModel.of("base", pipe, entry.profile.timestep_spacing), LoraAdapters(pipe, settings)
+            entry,
+            pipe,
+            StageModel.of("base", pipe, entry.profile.timestep_spacing),
+            LoraAdapters(pipe, settings, compiled.of(pipe.unet) if compiled else None),
         )
-        for entry, pipe in zip(entries, pipelines)
+        for entry, pipe in zip(pipelines.entries, pipelines.checkpoints)
     ]
     shared = [refiner.unet, base.text_encoder_2, vae, safety_checker.model]
     cache = None if placement.low_vram else _cache(settings, listed, shared)
     checkpoints = Checkpoints(listed, placement, cache, refiner_text_encoder_2=base.text_encoder_2)
-    seconds["to_device"] = time.perf_counter() - started - seconds["verify"] - seconds["load"]
-    return LoadedWeights(checkpoints, StageModel.of("refiner", refiner), safety_checker, placement, manifest, seconds)
+    seconds["to_device"] = time.perf_counter() - started - seconds.get("compile", 0.0)
+    refiner_model = StageModel.of("refiner", refiner)
+    return LoadedWeights(checkpoints, refiner_model, safety_checker, placement, pipelines.manifest, seconds, compiled)
 
 
 def load_checkpoints(

@@ -17,6 +17,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -25,6 +26,9 @@ from safetensors import SafetensorError, safe_open
 
 from sdxl_cog.config import MAX_REDIRECTS, STALL_TIMEOUT_S, Settings
 from sdxl_cog.errors import InputError
+
+if TYPE_CHECKING:
+    from sdxl_cog.device.compilation import FusedAttention
 
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 ALLOWED_SCHEMES = {"http", "https"}
@@ -157,11 +161,17 @@ def check_safetensors(path: Path) -> None:
 
 
 class LoraAdapters:
-    """The adapters loaded on the base pipeline: at most one is active, for one request."""
+    """The adapters loaded on the base pipeline: at most one is active, for one request.
 
-    def __init__(self, pipeline, settings: Settings):
-        self.pipeline, self.settings = pipeline, settings
+    Uncompiled, an adapter stays loaded (disabled) after its request, so the next request for it starts at once.
+    With SDXL_COMPILE (`attention` given: device/compilation.py) the request runs with the UNet's projections split,
+    which carry the adapter, and the adapter is unloaded afterwards: PEFT's layers take the place of the modules
+    the compiled blocks were traced on, and only with those back do the next requests run the compiled graphs."""
+
+    def __init__(self, pipeline, settings: Settings, attention: FusedAttention | None = None):
+        self.pipeline, self.settings, self.attention = pipeline, settings, attention
         self.loaded: str | None = None
+        self.touched = False  # a load was tried since PEFT's layers were last removed (SDXL_COMPILE only)
 
     def activate(self, source: str | None, scale: float) -> None:
         """Make `source` the only active LoRA at `scale` (or none)."""
@@ -175,18 +185,30 @@ class LoraAdapters:
         )
         if name != self.loaded:
             self._replace(path, name)
+        if self.attention is not None:
+            self.attention.split()
         self.pipeline.enable_lora()
         self.pipeline.set_adapters([name], adapter_weights=[scale])
 
     def deactivate(self) -> None:
-        if self.loaded is not None:
+        if self.attention is not None:
+            self._unload()
+        elif self.loaded is not None:
             self.pipeline.disable_lora()
+
+    def _unload(self) -> None:
+        """Remove PEFT's layers (diffusers puts the original modules back) and fuse the projections again."""
+        if self.touched:
+            self.pipeline.unload_lora_weights()
+            self.loaded, self.touched = None, False
+        self.attention.fuse()
 
     def _replace(self, path: Path, name: str) -> None:
         check_safetensors(path)
         if self.loaded is not None:
             self.pipeline.delete_adapters(self.loaded)
             self.loaded = None
+        self.touched = True
         try:
             self.pipeline.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as e:
