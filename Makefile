@@ -7,6 +7,7 @@
 #   make test                                    # the whole suite (what CI runs)
 #   make test-fast                               # the engine tier only
 #   make lint
+#   make gpu-check                               # measure a CUDA GPU, offline (bench/gpu_check.py; see below)
 #
 # Dockerfile build arguments go in BUILD_FLAGS, e.g. a CPU image:
 #   make image BUILD_FLAGS="--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
@@ -87,7 +88,7 @@ lint:
 SOAK_COUNT ?= 300
 FUZZ_EXAMPLES ?= 100
 
-.PHONY: soak fuzz
+.PHONY: soak fuzz gpu-check
 
 # Sequential predictions through the real server on tiny synthetic weights: failures, worker RSS, files left behind.
 soak:
@@ -96,3 +97,15 @@ soak:
 # schemathesis against the server's own /openapi.json: no 5xx, invalid input refused, worker alive, READY at the end.
 fuzz:
 	$(PYTHON) script/fuzz --max-examples $(FUZZ_EXAMPLES)
+
+# The server measured on a CUDA GPU with no network (bench/gpu_check.py; bench/README.md, section 8): the wheels
+# script/gpu-wheels downloaded beforehand into WHEELS are installed into GPU_SITE, which comes first on PYTHONPATH,
+# so the machine's own packages stay as they are. GPU_CHECK_FLAGS go to the script (e.g. --repeat 5).
+WHEELS ?= .whl
+GPU_SITE ?= /tmp/sdxl-gpu-site
+GPU_CHECK_FLAGS ?=
+GPU_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+gpu-check:
+	@ls $(WHEELS)/*.whl >/dev/null 2>&1 || { echo "no wheels in $(WHEELS)/: run script/gpu-wheels $(WHEELS) where PyPI is reachable, and bring the folder along" >&2; exit 2; }
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_FLAGS)

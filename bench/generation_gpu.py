@@ -18,9 +18,9 @@ peak VRAM figure is that implementation's own.
 
 Reported: seconds per image (end to end / batch), sampler steps per second (denoising steps of the whole
 batch / denoising time, text encoding included), peak VRAM (torch.cuda.max_memory_allocated), and the
-fraction of the physical floor reached: the FLOPs of the run (counted once per shape with
-torch.utils.flop_counter on the loaded UNets and VAE: every UNet step with classifier-free guidance, every
-decode) divided by the GPU's dense fp16 tensor peak, over the measured time.
+fraction of the physical floor reached: the FLOPs of the run (bench/flops.py: every UNet step with
+classifier-free guidance, every decode, counted on the loaded models' configs) divided by the GPU's dense fp16
+tensor peak, over the measured time.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GIB, median, print_header, print_table, ratio  # noqa: E402
+from flops import peak_tflops as flops_peak_tflops  # noqa: E402
+from flops import sdxl_flops  # noqa: E402
 
 from sdxl_cog.config import DEFAULT_HIGH_NOISE_FRAC, Settings  # noqa: E402
 from sdxl_cog.inputs.request import build_request  # noqa: E402
@@ -52,19 +54,6 @@ PROMPT = "an astronaut riding a rainbow unicorn, cinematic"
 SEED = 1234
 GUIDANCE = 7.5  # > 1: classifier-free guidance, two UNet samples per image per step
 MODES = {"base": "no_refiner", "ensemble": "expert_ensemble_refiner"}
-# Dense (no sparsity) fp16/bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; the first name
-# found in torch.cuda.get_device_name() wins. --peak-tflops overrides.
-PEAK_TFLOPS = {
-    "H200": 989.4,
-    "H100 PCIe": 756.0,
-    "H100": 989.4,
-    "A100": 312.0,
-    "L40S": 362.1,
-    "L4": 121.0,
-    "A10G": 125.0,
-    "A10": 125.0,
-    "RTX 4090": 165.2,
-}
 
 
 @dataclasses.dataclass
@@ -205,39 +194,9 @@ def run_service(service: SDXLService, options: OutputOptions, mode: str, batch: 
 # --- FLOPs and the physical floor -----------------------------------------------------------------------------------
 
 
-def unet_inputs(pipe, batch: int, latent_side: int, device: str, dtype: torch.dtype) -> dict:
-    """Random inputs of the shapes the SDXL pipelines feed this UNet (77 tokens, its micro-conditioning)."""
-    cfg = pipe.unet.config
-    # Original size, crop offset and target size (base); the refiner swaps the target size for a score.
-    n_time_ids = 5 if pipe.config.get("requires_aesthetics_score") else 6
-    pooled = cfg.projection_class_embeddings_input_dim - n_time_ids * cfg.addition_time_embed_dim
-    return dict(
-        sample=torch.randn(batch, cfg.in_channels, latent_side, latent_side, device=device, dtype=dtype),
-        timestep=torch.tensor(500, device=device),
-        encoder_hidden_states=torch.randn(batch, 77, cfg.cross_attention_dim, device=device, dtype=dtype),
-        added_cond_kwargs={
-            "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-            "time_ids": torch.randn(batch, n_time_ids, device=device, dtype=dtype),
-        },
-    )
-
-
-@torch.inference_mode()
-def count_flops(base, refiner, side: int, device: str, dtype: torch.dtype) -> dict[str, float]:
-    """FLOPs of one UNet step per image (both guidance halves) and of one image's VAE decode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    latent_side = side // base.vae_scale_factor
-    flops = {}
-    for name, pipe in (("base", base), ("refiner", refiner)):
-        with FlopCounterMode(display=False) as counter:
-            pipe.unet(**unet_inputs(pipe, 2, latent_side, device, dtype))
-        flops[name] = counter.get_total_flops()
-    latent = torch.randn(1, base.vae.config.latent_channels, latent_side, latent_side, device=device, dtype=dtype)
-    with FlopCounterMode(display=False) as counter:
-        base.vae.decode(latent)
-    flops["decode"] = counter.get_total_flops()
-    return flops
+def count_flops(base, refiner, side: int) -> dict[str, float]:
+    """FLOPs of one UNet step per image (both guidance halves) and of one image's VAE decode (flops.py)."""
+    return sdxl_flops(base.unet.config, refiner.unet.config, base.vae.config, side)
 
 
 def run_flops(run: Run, flops: dict[str, float], batch: int) -> tuple[float, float]:
@@ -251,8 +210,7 @@ def peak_tflops(args) -> float | None:
         return args.peak_tflops
     if not args.device.startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name()
-    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+    return flops_peak_tflops(torch.cuda.get_device_name())
 
 
 # --- Measuring and reporting ----------------------------------------------------------------------------------------
@@ -288,7 +246,7 @@ def row(label: str, mode: str, batch: int, runs: list[Run], baseline: list[Run] 
 
 def measure_baseline(args, dtype: torch.dtype) -> tuple[dict[tuple[str, int], list[Run]], dict[str, float]]:
     pipes = load_baseline(args.weights, args.device, dtype)
-    flops = count_flops(*pipes, args.side, args.device, dtype)
+    flops = count_flops(*pipes, args.side)
     print(
         "- FLOPs per image (one UNet step with both guidance halves; one decode): "
         + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flops.items())

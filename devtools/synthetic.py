@@ -231,7 +231,7 @@ def make_weights(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
     _write_json(root / SAFETY_CHECKER_DIR / "preprocessor_config.json", PREPROCESSOR_CONFIG)
     # 3. The models, one at a time (a full-size UNet alone is 5 GB).
     for part in PARTS:
-        _write_part(root, part, configs[part.config], _part_seed(seed, part.path))
+        _write_part(root, part, configs[part.config], part_seed(seed, part.path))
     # 4. The manifest.
     origin = f"synthetic {size} weights, seed {seed} (devtools/synthetic.py)"
     return write_manifest(root, sources={d: origin for d in (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR)})
@@ -271,7 +271,7 @@ def add_model(
     for part, config in (("text_encoder", "text_encoder"), ("text_encoder_2", "text_encoder_2"), ("unet", "unet_base")):
         if part == "unet" or part in own:
             built = Part(f"{folder}/{part}", config, parts[config].build)
-            _write_part(root, built, configs[config], _part_seed(seed, built.path))
+            _write_part(root, built, configs[config], part_seed(seed, built.path))
     models = manifest.get("models") or [{"name": base_name, "dir": BASE_DIR, "source": manifest["sources"][BASE_DIR]}]
     entry = {
         "name": name,
@@ -361,20 +361,21 @@ def _write_pipeline_files(root: Path) -> None:
 def _write_part(root: Path, part: Part, config: dict, seed: int) -> None:
     model = random_model(lambda: part.build(config), WEIGHTS_DTYPE, seed)
     if part.config == "safety_checker":
-        _set_thresholds(model, NEVER_FLAG_THRESHOLD)
+        set_thresholds(model, NEVER_FLAG_THRESHOLD)
     model.save_pretrained(root / part.path, variant=WEIGHTS_VARIANT)
     _make_readable(root / part.path)
     del model
     gc.collect()  # return the memory before the next (possibly 5 GB) model is built
 
 
-def random_model(build: Callable[[], nn.Module], dtype: torch.dtype, seed: int) -> nn.Module:
-    """Build a model without initializing it (meta device), then fill it with seeded random weights."""
+def random_model(build: Callable[[], nn.Module], dtype: torch.dtype, seed: int, device: str = "cpu") -> nn.Module:
+    """Build a model without initializing it (meta device), then fill it with seeded random weights on `device`
+    (on a GPU a full-size UNet takes well under a second)."""
     with torch.device("meta"):
         model = build()
     # nn.Module's own cast: diffusers' override warns about float32-only modules even when there are none.
-    model = nn.Module.to(model, dtype=dtype).to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
+    model = nn.Module.to(model, dtype=dtype).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             _fill_module(module, generator)
@@ -402,13 +403,13 @@ def _reset_position_ids(module: nn.Module) -> None:
         ids.copy_(torch.arange(ids.shape[-1]).expand_as(ids))
 
 
-def _set_thresholds(checker: nn.Module, threshold: float) -> None:
+def set_thresholds(checker: nn.Module, threshold: float) -> None:
     with torch.no_grad():
         for name in THRESHOLD_TENSORS:
             getattr(checker, name).fill_(threshold)
 
 
-def _part_seed(seed: int, path: str) -> int:
+def part_seed(seed: int, path: str) -> int:
     """A seed per part, so that changing one part's shape leaves the others' weights unchanged."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{path}".encode()).digest()[:8], "little")
 
