@@ -5,7 +5,7 @@
 #   make image                                   # $(IMAGE):$(TAG) from the Dockerfile (CUDA torch)
 #   make push REGISTRY=registry.example.com/ml   # builds, then pushes $(REGISTRY)/$(IMAGE):$(TAG)
 #   make test                                    # the whole suite (what CI runs)
-#   make test-fast                               # the engine tier only
+#   make test-fast                               # the engine tier only (no compile tier: pytest -m compile)
 #   make lint
 #   make gpu-check                               # measure a CUDA GPU, offline (bench/gpu_check.py; see below)
 #
@@ -77,7 +77,7 @@ cog-push:
 test:
 	$(PYTHON) -m pytest -q tests
 
-# The engine tier only: no server subprocesses, no image builds.
+# The engine tier only: no server subprocesses, no image builds, no compiling (the compile tier, pytest -m compile).
 test-fast:
 	$(PYTHON) -m pytest -q -m engine tests
 

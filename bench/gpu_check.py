@@ -242,7 +242,8 @@ def one_checkpoint_budget(pipelines) -> int:
 
 
 def serve(args, variant: str, pipelines, scratch: Path, sources, lora: Path, modes, **overrides):
-    """The service on `pipelines`, every mode measured; returns its rows and its setup's seconds by phase."""
+    """The service on `pipelines`, every mode measured; returns its rows and its setup's seconds by phase. `overrides`
+    name compile and low_vram, whatever the environment says."""
     settings = dataclasses.replace(
         Settings.from_env(),
         device=args.device,
@@ -400,14 +401,16 @@ def main() -> None:
         lora = write_lora(first.unet, scratch, dtype)
         rows = [measure_baseline(first, args)]
         setups = {}
-        more, setups["uncompiled"] = serve(args, "uncompiled", pipelines, scratch, sources, lora, MODES)
+        more, setups["uncompiled"] = serve(
+            args, "uncompiled", pipelines, scratch, sources, lora, MODES, compile=False, low_vram=False
+        )
         rows += more
         del pipelines, first
         release(args.device)
 
         # 2. SDXL_COMPILE on a fresh set (the same values).
         more, setups["compiled"] = serve(
-            args, "compiled", synthesize(args, dtype), scratch, sources, lora, MODES, compile=True
+            args, "compiled", synthesize(args, dtype), scratch, sources, lora, MODES, compile=True, low_vram=False
         )
         rows += more
         release(args.device)

@@ -33,6 +33,9 @@ from sdxl_cog.errors import InputError
 from sdxl_cog.service import SDXLService
 from tests.conftest import TEST_SIDE, FakeGpuPlacement, half_mask, pixels, run, source_image
 
+# Minutes of compiling on 2 cores: in make test, not make test-fast (pytest.ini).
+pytestmark = pytest.mark.compile
+
 MAX_PIXEL_DIFF = 2
 MAX_MEAN_DIFF = 0.05
 SECOND = "second"

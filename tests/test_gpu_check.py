@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from devtools.cog_server import REPO_ROOT
 from tests.conftest import TEST_SIDE
 
@@ -29,6 +31,8 @@ MAX_PIXEL_DIFF = 2
 RUN_TIMEOUT_S = 600
 
 
+# Its compiled service compiles nothing, but the session's compiled service it reuses does (pytest.ini).
+@pytest.mark.compile
 def test_the_gpu_check_runs_every_mode_compiled_and_not_on_the_cpu(compiled_service, tmp_path):
     report = tmp_path / "gpu-check.json"
     side = str(TEST_SIDE)
