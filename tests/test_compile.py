@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
@@ -31,6 +32,7 @@ from sdxl_cog.device import placement as placement_module
 from sdxl_cog.device.placement import module_bytes
 from sdxl_cog.errors import InputError
 from sdxl_cog.service import SDXLService
+from sdxl_cog.weights.layout import BASE_DIR
 from tests.conftest import TEST_SIDE, FakeGpuPlacement, half_mask, pixels, run, source_image
 
 # Minutes of compiling on 2 cores: in make test, not make test-fast (pytest.ini).
@@ -107,6 +109,14 @@ def test_setup_fused_the_projections_kept_sdpa_and_froze_the_weights(service, co
     conv = compiled_service.weights.refiner.components["vae"].decoder.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert compiled_service.weights.load_seconds["warmup"] > 0
+
+
+def test_a_unet_is_fused_once(tiny_weights):
+    """Fusing twice would take the fused processors for the ones as loaded, and a LoRA would then be ignored."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_weights / BASE_DIR / "unet", variant="fp16")
+    compilation.FusedAttention(unet)
+    with pytest.raises(RuntimeError, match="fused already"):
+        compilation.FusedAttention(unet)
 
 
 @pytest.fixture(scope="module")

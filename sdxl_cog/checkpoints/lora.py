@@ -1,6 +1,7 @@
 """LoRA weights per request: fetched safely from an https URL or an allowed local directory, cached on
 disk with a size bound, loaded as a PEFT adapter on the shared base modules, and disabled again for
-requests without LoRA (a disabled adapter leaves the layers computing exactly the base model).
+requests without LoRA (a disabled adapter leaves the layers computing exactly the base model), or with
+SDXL_COMPILE unloaded (see LoraAdapters).
 
 URLs are fetched with SSRF guards: http(s) only, every hop of a redirect chain must resolve to public
 addresses (unless the operator allows private ones), bounded size, time and redirects. The time bound

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
 from sdxl_cog.config import WARMUP_RECOMPILE_LIMIT
 
@@ -55,6 +56,9 @@ class FusedAttention:
     LoRA is active. Switching back restores the very processor objects the graphs were traced with."""
 
     def __init__(self, unet: UNet2DConditionModel):
+        if any(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values()):
+            # The processors as loaded would be lost: a LoRA would then run on fused projections and be ignored.
+            raise RuntimeError("This UNet's projections are fused already: build the service from fresh modules.")
         self.unet = unet
         self.separate = unet.attn_processors
         unet.fuse_qkv_projections()
