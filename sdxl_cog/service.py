@@ -11,6 +11,7 @@ import torch
 
 from sdxl_cog.checkpoints.checkpoint import Checkpoint
 from sdxl_cog.checkpoints.loading import load_weights
+from sdxl_cog.checkpoints.registry import Checkpoints
 from sdxl_cog.config import Settings
 from sdxl_cog.device.health import DeviceHealth
 from sdxl_cog.device.memory import MemoryBudget, PeakMemoryMeter, gpu_capacity, out_of_memory_error, release_memory
@@ -44,12 +45,15 @@ class SDXLService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.weights = load_weights(settings)
-        self.checkpoints = self.weights.checkpoints
         self.outputs = OutputDirectory(settings.output_dir, settings.output_keep)
         claim_input_dir(settings.input_dir)
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.weights.placement.peak_bytes)
         self.gpu_memory = PeakMemoryMeter.for_device(settings.device)
         self.health = DeviceHealth.for_device(settings.device)  # what the predictor's healthcheck() reports
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        return self.weights.checkpoints
 
     def profile(self, model: str | None) -> Profile:
         """The defaults of the checkpoint `model` names (None: the default one); InputError if there is none."""
