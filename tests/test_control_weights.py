@@ -446,6 +446,9 @@ def test_ip_adapter_scale_zero_is_the_plain_image_and_the_unet_then_needs_an_ima
     off = generate(adapted.pipe, ip_adapter_image=INPUTS["ip"], **SIZE)
     # At scale 0 the adapter's attention is skipped; the rest is the plain computation.
     assert np.array_equal(off, models.image("txt2img"))
+    # So a call without an image prompt can pass zero embeddings ([negative, positive]) instead of running the encoder.
+    zeros = [torch.zeros(2, 1, adapted.pipe.image_encoder.config.projection_dim)]
+    assert np.array_equal(generate(adapted.pipe, ip_adapter_image_embeds=zeros, **SIZE), off)
     assert differs(adapted.with_image_prompt(), off)
     # Loading the adapter changed the UNet, for every pipeline that shares it: each call must bring image embeddings.
     with pytest.raises(ValueError, match="image_embeds"):
