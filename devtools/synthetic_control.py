@@ -43,6 +43,9 @@ from transformers import (
     DepthAnythingForDepthEstimation,
 )
 
+from sdxl_cog.weights.control_types import union_types
+from sdxl_cog.weights.layout import CONTROL_DIR, MANIFEST_NAME, read_manifest, write_manifest
+
 from .synthetic import INIT_STD, make_readable, part_seed, random_model, sdxl_configs, write_json
 
 CONTROLNET_CANNY_DIR = "controlnet-canny"
@@ -375,3 +378,50 @@ def _size(size: str) -> ControlSize:
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}: choose one of {', '.join(SIZES)}.")
     return SIZES[size]
+
+
+# The ControlNets add_control bakes by default: every kind, so that both halves of the serving rule are exercised.
+ALL_CONTROLNETS = ("union", "canny", "depth")
+
+
+def add_control(
+    root: Path | str,
+    controlnets: tuple[str, ...] = ALL_CONTROLNETS,
+    ip_adapter: bool = True,
+    depth_estimator: bool = True,
+    seed: int = 0,
+) -> dict:
+    """Bake tiny control models into weights made by synthetic.make_weights (tiny), under control/ as
+    script/download-weights lays them out, and list them in the manifest's "control" key; returns the manifest."""
+    root = Path(root)
+    control = root / CONTROL_DIR
+    manifest = read_manifest(root)
+    entries: dict = {"controlnets": []}
+    for name in controlnets:
+        folder = control / f"controlnet-{name}"
+        if name == "union":
+            write_controlnet_union(folder, "tiny", part_seed(seed, folder.name))
+            types = union_types(UNION_CONTROL_TYPES)
+        else:
+            write_controlnet(folder, "tiny", part_seed(seed, folder.name))
+            types = (name,)
+        kind = "union" if name == "union" else "single"
+        entry = {"name": name, "kind": kind, "dir": folder.relative_to(root).as_posix(), "types": list(types)}
+        entries["controlnets"].append({**entry, "source": "synthetic tiny (devtools/synthetic_control.py)"})
+    if ip_adapter:
+        write_ip_adapter(control / IP_ADAPTER_DIR, "tiny", part_seed(seed, IP_ADAPTER_DIR))
+        entries["ip_adapter"] = {
+            "dir": f"{CONTROL_DIR}/{IP_ADAPTER_DIR}",
+            "source": "synthetic tiny (devtools/synthetic_control.py)",
+            "subfolder": IP_ADAPTER_SUBFOLDER,
+            "weight_name": IP_ADAPTER_WEIGHT_NAME,
+            "image_encoder_folder": IMAGE_ENCODER_FOLDER,
+        }
+    if depth_estimator:
+        write_depth_estimator(control / DEPTH_ESTIMATOR_DIR, "tiny", part_seed(seed, DEPTH_ESTIMATOR_DIR))
+        entries["depth_estimator"] = {
+            "dir": f"{CONTROL_DIR}/{DEPTH_ESTIMATOR_DIR}",
+            "source": "synthetic tiny (devtools/synthetic_control.py)",
+        }
+    (root / MANIFEST_NAME).unlink()
+    return write_manifest(root, manifest["sources"], manifest.get("models"), control=entries)

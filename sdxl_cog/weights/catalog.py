@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdxl_cog.weights.control_types import CONTROL_TYPES
 from sdxl_cog.weights.layout import BASE_DIR
 from sdxl_cog.weights.profiles import Profile, profile_from
 
@@ -65,4 +66,74 @@ def component_key(manifest: dict, folder: str, component: str) -> tuple:
             for name, entry in manifest["files"].items()
             if name.startswith(prefix)
         )
+    )
+
+
+# --- ControlNet, IP-Adapter and depth models (the manifest's optional "control" key) -----------------------------
+CONTROLNET_KINDS = ("single", "union")
+
+
+@dataclass(frozen=True)
+class ControlNetEntry:
+    name: str
+    kind: str  # "single": one control type; "union": a ControlNet-Union serving several through control_mode
+    folder: str
+    source: str
+    types: tuple[str, ...]  # the control types it serves (control_types.py)
+
+
+@dataclass(frozen=True)
+class IpAdapterEntry:
+    folder: str
+    source: str
+    subfolder: str  # where the adapter file is, inside folder
+    weight_name: str
+    image_encoder_folder: str  # diffusers' rule: without a "/" inside subfolder, with one from folder itself
+
+    @property
+    def image_encoder_path(self) -> str:
+        inner = self.image_encoder_folder
+        return f"{self.folder}/{inner}" if "/" in inner else f"{self.folder}/{self.subfolder}/{inner}"
+
+
+@dataclass(frozen=True)
+class DepthEstimatorEntry:
+    folder: str
+    source: str
+
+
+@dataclass(frozen=True)
+class ControlEntries:
+    controlnets: tuple[ControlNetEntry, ...] = ()
+    ip_adapter: IpAdapterEntry | None = None
+    depth_estimator: DepthEstimatorEntry | None = None
+
+
+def control_entries(manifest: dict) -> ControlEntries:
+    """The control models the manifest lists (none when it has no "control" key); ValueError on a kind or type
+    this code does not know."""
+    control = manifest.get("control") or {}
+    controlnets = []
+    for e in control.get("controlnets", []):
+        if e["kind"] not in CONTROLNET_KINDS:
+            raise ValueError(
+                f"ControlNet {e['name']!r}: unknown kind {e['kind']!r}; known: {', '.join(CONTROLNET_KINDS)}."
+            )
+        if unknown := set(e["types"]) - set(CONTROL_TYPES):
+            raise ValueError(f"ControlNet {e['name']!r}: unknown control types {sorted(unknown)}.")
+        controlnets.append(ControlNetEntry(e["name"], e["kind"], e["dir"], e.get("source", ""), tuple(e["types"])))
+    adapter = control.get("ip_adapter")
+    depth = control.get("depth_estimator")
+    return ControlEntries(
+        controlnets=tuple(controlnets),
+        ip_adapter=IpAdapterEntry(
+            adapter["dir"],
+            adapter.get("source", ""),
+            adapter["subfolder"],
+            adapter["weight_name"],
+            adapter["image_encoder_folder"],
+        )
+        if adapter
+        else None,
+        depth_estimator=DepthEstimatorEntry(depth["dir"], depth.get("source", "")) if depth else None,
     )

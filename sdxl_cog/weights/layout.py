@@ -38,6 +38,8 @@ REFINER_DIR = "refiner"
 VAE_DIR = "vae"
 SAFETY_CHECKER_DIR = "safety_checker"
 MODELS_DIR = "models"
+# The optional ControlNet, IP-Adapter and depth models (script/download-weights --controlnet, --ip-adapter, ...).
+CONTROL_DIR = "control"
 
 # The files setup() cannot start without, relative to the weights root, with diffusers' "fp16" variant names.
 REQUIRED_FILES = (
@@ -67,7 +69,7 @@ REQUIRED_FILES = (
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
 # The manifest covers these folders only: whatever else sits in weights/ (its README, an operator's
 # loras/ or notes) is not a weight, and editing it must never fail setup.
-PART_DIRS = (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR, MODELS_DIR)
+PART_DIRS = (BASE_DIR, REFINER_DIR, VAE_DIR, SAFETY_CHECKER_DIR, MODELS_DIR, CONTROL_DIR)
 
 
 class WeightsError(RuntimeError):
@@ -88,15 +90,20 @@ def _weight_files(root: Path) -> list[Path]:
     return sorted(p for p in files if p.is_file() and ".cache" not in p.relative_to(root).parts)
 
 
-def write_manifest(root: Path, sources: dict[str, str], models: list[dict] | None = None) -> dict:
+def write_manifest(
+    root: Path, sources: dict[str, str], models: list[dict] | None = None, control: dict | None = None
+) -> dict:
     """Hash every weight file under `root` and write manifest.json; `sources` records where each part came from,
-    `models` (see the module docstring) the checkpoints beyond a single base/."""
+    `models` (see the module docstring) the checkpoints beyond a single base/, `control` the optional ControlNet,
+    IP-Adapter and depth models under control/ (catalog.control_entries reads it)."""
     files = {
         p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in _weight_files(root)
     }
     manifest = {"format": MANIFEST_FORMAT, "sources": sources, "files": files}
     if models:
         manifest["models"] = models
+    if control:
+        manifest["control"] = control
     with atomic_target(root / MANIFEST_NAME) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
