@@ -34,9 +34,21 @@ function writeAtomically(path, text) {
     fs.renameSync(path + '.tmp', path);
 }
 
-// The id's record; null if there is none. One that cannot be read (a claim cut short) owns the id
-// for nobody, so it is refused to everyone until it expires.
+// When the id last had news: its record written, or its state.
+function lastNewsMs(r, id) {
+    return Math.max(modifiedMs(recordPath(r, id)), modifiedMs(statePath(r, id)));
+}
+
+function expired(r, id) {
+    return Date.now() - lastNewsMs(r, id) > RETENTION_MS;
+}
+
+// The id's record; null if there is none, or it has expired. One that cannot be read (a claim cut
+// short) owns the id for nobody, so it is refused to everyone until it expires.
 function read(r, id) {
+    if (expired(r, id)) {
+        return null;
+    }
     let text;
     try {
         text = fs.readFileSync(recordPath(r, id), 'utf8');
@@ -57,6 +69,9 @@ function isOwner(r, record) {
 // Claim `id` for this request's key: { record, fresh } if it is free or already this key's, else null.
 function claim(r, id) {
     const record = { owner: keys.ownerToken(r) };
+    if (expired(r, id)) {
+        release(r, id);
+    }
     let fd;
     try {
         fd = fs.openSync(recordPath(r, id), 'wx');
@@ -113,10 +128,8 @@ function sweep(r) {
     }
     fs.writeFileSync(marker, '');
     fs.readdirSync(store(r) + '/ids').forEach(function (id) {
-        const last = Math.max(modifiedMs(recordPath(r, id)), modifiedMs(statePath(r, id)));
-        if (now - last > RETENTION_MS) {
-            removeIfThere(statePath(r, id));
-            removeIfThere(recordPath(r, id));
+        if (expired(r, id)) {
+            release(r, id);
         }
     });
     ['states', 'files'].forEach(function (kind) {

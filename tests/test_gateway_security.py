@@ -101,7 +101,18 @@ def wait_until_finished(gateway, prediction_id: str, headers, timeout_s: float =
 # -- 1. nothing costs the server anything before the key is known ---------------------------------------
 
 
-def test_keyless_clients_trickling_bodies_are_refused_on_their_headers_and_keyed_ones_are_served(cog):
+def flood(url: str, count: int, seen: dict[int, int]) -> None:
+    """`count` keyless requests back to back: predictions with a wrong key, unknown paths."""
+    with requests.Session() as session:
+        for index in range(count):
+            if index % 2:
+                response = session.post(f"{url}/predictions", json=QUICK, headers={"Authorization": "Bearer guess"})
+            else:
+                response = session.get(f"{url}/no-such-path-{index}")
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
+
+
+def test_keyless_clients_trickling_or_flooding_are_refused_on_their_headers_and_keyed_ones_are_served(cog):
     queue = 4
     env = {"SDXL_API_KEYS": KEY_A, "SDXL_GATEWAY_QUEUE": str(queue), **UNLIMITED}
     with Gateway(cog.port, env=env) as gateway:
@@ -109,15 +120,20 @@ def test_keyless_clients_trickling_bodies_are_refused_on_their_headers_and_keyed
         held = [HeldRequest(gateway.port, "POST /predictions HTTP/1.1") for _ in range(2 * queue)]
         held += [HeldRequest(gateway.port, "PUT /predictions/some-id HTTP/1.1") for _ in range(2)]
         held += [HeldRequest(gateway.port, "POST /no-such-path HTTP/1.1") for _ in range(2)]
+        flooded: dict[int, int] = {}
+        flooder = threading.Thread(target=flood, args=(gateway.url, 400, flooded))
         try:
             statuses = [request.status() for request in held]
-            # Keyed predictions go through while every keyless connection still trickles.
+            flooder.start()
+            # Keyed predictions go through while every keyless connection still trickles and a flood runs.
             keyed = [post(gateway, A).status_code for _ in range(6)]
+            flooder.join(60)
         finally:
             for request in held:
                 request.close()
-    print(f"\nkeyless trickling requests answered {statuses}; keyed predictions meanwhile: {keyed}")
+    print(f"\nkeyless trickling requests answered {statuses}; a keyless flood {flooded}; keyed meanwhile: {keyed}")
     assert statuses == [401] * (2 * queue + 2) + [404] * 2, "refused on the headers, before the body"
+    assert flooded == {401: 200, 404: 200}
     assert keyed == [200] * 6
 
 
@@ -137,10 +153,13 @@ def test_keyless_requests_are_limited_per_address_in_rate_and_in_number(cog):
         assert statuses == [401] * per_address + [503] * 2, statuses
         assert keyed == 200
     with Gateway(cog.port, env={**env, "SDXL_GATEWAY_BURST": "5"}) as gateway:
-        # Unknown paths count against the address's rate, and the open health check shares it.
+        # Unknown paths count against the address's rate; the open health check has a rate of its own
+        # (10 a second, burst 20), so that probes do not use up what the pages may load.
         seen = [requests.get(f"{gateway.url}/no-such-path", timeout=10).status_code for _ in range(8)]
         assert seen[0] == 404 and seen[-2:] == [429, 429], seen
-        assert requests.get(f"{gateway.url}/health-check", timeout=10).status_code == 429
+        with requests.Session() as session:
+            health = [session.get(f"{gateway.url}/health-check", timeout=10).status_code for _ in range(40)]
+        assert health[0] == 200 and health[-1] == 429, health
 
 
 def test_no_body_is_buffered_without_a_key(gateway):
@@ -277,6 +296,17 @@ def test_ownership_holds_across_a_reload_and_a_worker_restart(gateway):
     for route, response in every_route(gateway, "kept-across-restarts", B).items():
         assert response.status_code == 404, (route, response.text)
     assert requests.get(f"{gateway.url}/predictions/kept-across-restarts", headers=A, timeout=10).status_code == 200
+
+
+def test_an_id_is_free_again_once_its_retention_has_passed(gateway):
+    assert post(gateway, A, {"id": "expiring-id", **QUICK}).status_code == 200
+    assert post(gateway, B, {"id": "expiring-id", **QUICK}).status_code == 404
+    # An hour and a minute later, as far as the store can tell.
+    record = gateway.run_dir / "predictions/ids/expiring-id"
+    past = time.time() - 3660
+    os.utime(record, (past, past))
+    assert post(gateway, B, {"id": "expiring-id", **QUICK}).status_code == 200
+    assert requests.post(f"{gateway.url}/predictions/expiring-id/cancel", headers=A, timeout=10).status_code == 404
 
 
 # -- 5. only coglet can write states -----------------------------------------------------------------------
