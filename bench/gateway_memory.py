@@ -73,9 +73,7 @@ def keyless(gateway: Gateway) -> str:
 
 
 def predict(gateway: Gateway, key: str, body: dict, asynchronous: bool) -> requests.Response:
-    response = requests.post(
-        f"{gateway.url}/predictions", json=body, headers=headers(key, asynchronous), timeout=300
-    )
+    response = requests.post(f"{gateway.url}/predictions", json=body, headers=headers(key, asynchronous), timeout=300)
     if asynchronous and response.status_code == 202:
         finish(gateway, key, response.json()["id"])
     return response
