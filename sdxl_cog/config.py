@@ -34,7 +34,7 @@ MAX_SEED = 2**32 - 1
 DEFAULT_HIGH_NOISE_FRAC = 0.8
 DEFAULT_OUTPUT_QUALITY = 80
 
-# Prompts are encoded in chunks of 75 tokens (CLIP's 77 less BOS and EOS; sdxl_cog/prompts.py). Ten
+# Prompts are encoded in chunks of 75 tokens (CLIP's 77 less BOS and EOS; generation/prompts.py). Ten
 # chunks, 750 tokens, is two to three times the longest prompts AUTOMATIC1111 users write (a few
 # hundred tokens), while bounding what one request costs: each token adds ~2.2 GFLOP per UNet step at
 # 1024x1024 (750 tokens: +1.6 TFLOP on ~6 per step, < +30%) and ~6.5 MB per chunk to the text
@@ -187,14 +187,14 @@ class Settings:
             device=device,
             dtype=getattr(torch, DTYPES[dtype_name]),
             verify_weights_hash=_env_bool("SDXL_VERIFY_WEIGHTS_HASH", False),
-            # Off by default: it pays only where the disk is much faster than the loader (sdxl_cog/prefetch.py).
+            # Off by default: it pays only where the disk is much faster than the loader (checkpoints/prefetch.py).
             prefetch_weights=_env_bool("SDXL_PREFETCH_WEIGHTS", False),
             output_dir=_env_path("SDXL_OUTPUT_DIR", Path("/tmp/sdxl-outputs")),
             # 16 predictions: at most 64 images (~100 MB of 1024px PNGs) kept for the operator to
-            # recover one whose upload to --upload-url failed (sdxl_cog/outputs.py).
+            # recover one whose upload to --upload-url failed (outputs/directory.py).
             output_keep=_env_int("SDXL_OUTPUT_KEEP", 16),
             # Where coglet writes downloaded image/mask inputs: made the worker's tempfile directory
-            # (sdxl_cog/uploads.py). Under TMPDIR, so whatever watches TMPDIR still sees it.
+            # (inputs/uploads.py). Under TMPDIR, so whatever watches TMPDIR still sees it.
             input_dir=_env_path("SDXL_INPUT_DIR", Path(os.environ.get("TMPDIR") or "/tmp") / "sdxl-inputs"),
             # The liveness probe tells a long stretch of back-to-back predictions from a wedged slot
             # by it; the same default as deploy/probe.py's.

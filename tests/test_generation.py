@@ -74,7 +74,7 @@ def test_every_input_changes_the_image(service):
 
 _KARRAS_2M = {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}
 # Each choice, the diffusers class it must build and the options it must set (written out here, not read
-# from sdxl_cog.schedulers, so a wrong entry there fails).
+# from sdxl_cog.generation.schedulers, so a wrong entry there fails).
 EXPECTED_SCHEDULERS = {
     "DDIM": (DDIMScheduler, {}),
     "DPMSolverMultistep": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),

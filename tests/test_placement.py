@@ -11,13 +11,7 @@ import torch
 from sdxl_cog.config import Settings
 from sdxl_cog.device import placement as placement_module
 from sdxl_cog.device.memory import GIB, MemoryBudget, needs_low_vram
-from sdxl_cog.device.placement import (
-    ResidentPlacement,
-    StagedPlacement,
-    make_placement,
-    module_bytes,
-    stage_peak_bytes,
-)
+from sdxl_cog.device.placement import ResidentPlacement, StagedPlacement, make_placement, module_bytes, stage_peak_bytes
 from sdxl_cog.service import SDXLService
 from tests.conftest import (
     DEFAULT_OPTIONS,

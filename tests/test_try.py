@@ -4,6 +4,7 @@ spot, a key printed, the real Cog server behind the real gateway; a keyed predic
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -12,20 +13,20 @@ import pytest
 import requests
 
 from devtools.cog_server import REPO_ROOT, free_port
-from devtools.gateway import nginx_available
+from devtools.gateway import nginx_available, nobody_readable_dir
 
 pytestmark = pytest.mark.skipif(not nginx_available(), reason="needs Debian's nginx with njs and envsubst")
 READY_TIMEOUT_S = 180
 
 
 def test_script_try_serves_the_playground_and_a_keyed_prediction(tmp_path):
-    port = free_port()
+    port, run_root = free_port(), nobody_readable_dir("sdxl-try-")
     env = {
         **os.environ,
         "PORT": str(port),
         "COGLET_PORT": str(free_port()),
         "SDXL_GATEWAY_EVENTS_LISTEN": f"127.0.0.1:{free_port()}",
-        "SDXL_GATEWAY_RUN_DIR": str(tmp_path / "gateway"),
+        "SDXL_GATEWAY_RUN_DIR": str(run_root / "run"),
         "SDXL_TRY_DIR": str(tmp_path / "try"),
         "SDXL_OUTPUT_DIR": str(tmp_path / "outputs"),
         "SDXL_PREDICTION_MARKER": str(tmp_path / "marker"),
@@ -68,3 +69,4 @@ def test_script_try_serves_the_playground_and_a_keyed_prediction(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+        shutil.rmtree(run_root, ignore_errors=True)
