@@ -281,7 +281,7 @@ def test_each_output_is_its_seed_alone_and_every_sampler_runs(controlled, maps):
     controls = [control("canny", maps["edges"])]
     two, _ = predict(controlled, controls=controls, num_outputs=2, seed=11, num_inference_steps=2)
     second, _ = predict(controlled, controls=controls, seed=12, num_inference_steps=2)
-    assert max_diff(two[1], second[0]) == 0
+    assert max_diff(two[1], second[0]) <= 2  # a batch's arithmetic rounds differently, as without control
     for scheduler in ("DDIM", "DPM++ 2M Karras", "HeunDiscrete", "UniPC"):
         assert predict(controlled, controls=controls, scheduler=scheduler, num_inference_steps=2)[0][0].size == (
             TEST_SIDE,

@@ -81,8 +81,8 @@ def image_prompt_embeds(
     pipe: DiffusionPipeline, image_prompt: ImagePrompt | None, guided: bool, device: torch.device
 ) -> list[torch.Tensor]:
     """The IP-Adapter's image embeddings for `pipe`'s call: the image prompt's (negative zeros first under guidance,
-    as diffusers makes them), or zeros, which at scale 0 leave the UNet's output as it is without the adapter."""
-    if image_prompt is not None and image_prompt.active:
+    as diffusers makes them), or zeros for none, which at scale 0 leave the UNet's output as without the adapter."""
+    if image_prompt is not None:
         return pipe.prepare_ip_adapter_image_embeds(image_prompt.image, None, device, 1, guided)
     encoder = pipe.image_encoder
     halves = 2 if guided else 1

@@ -157,10 +157,13 @@ def _base_stage(
     kwargs = _base_kwargs(req) | (plan.pipeline_kwargs(req.mode) if plan is not None else {})
     adapter = has_image_prompt_adapter(base)
     if adapter:
-        with run.phase("image_prompt_encoding"):
-            placement.use("image_prompt")
-            guided = req.guidance_scale > 1 and base.components["unet"].config.time_cond_proj_dim is None
-            kwargs["ip_adapter_image_embeds"] = image_prompt_embeds(pipe, req.image_prompt, guided, pipe.device)
+        guided = req.guidance_scale > 1 and base.components["unet"].config.time_cond_proj_dim is None
+        prompt = req.image_prompt if req.image_prompt is not None and req.image_prompt.active else None
+        # Without an image prompt the embeddings are zeros: no phase, no image encoder on the device.
+        with run.phase("image_prompt_encoding") if prompt is not None else nullcontext():
+            if prompt is not None:
+                placement.use("image_prompt")
+            kwargs["ip_adapter_image_embeds"] = image_prompt_embeds(pipe, prompt, guided, pipe.device)
     with image_prompt_scale(pipe, req) if adapter else nullcontext():
         return _denoise(run, placement, pipe, "base", req, generators, embeds, kwargs, plan.slots if plan else ())
 
