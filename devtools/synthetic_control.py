@@ -15,6 +15,9 @@ AutoImageProcessor, each from a local folder with no network.
     depth-anything/
         depth-anything/Depth-Anything-V2-Small-hf: config.json, model.safetensors, preprocessor_config.json
 
+add_control bakes them all into a synthetic weights directory under control/, as script/download-weights lays them out,
+with the manifest's control section (script/make-test-weights --control).
+
 Every model is shaped after the SDXL base UNet of the same size (synthetic.sdxl_configs), so that it plugs into
 the synthetic base weights of that size: the ControlNets are diffusers' from_unet of that UNet, and the IP-Adapter's
 projections have its cross-attention widths. The weights are seeded random values (synthetic.random_model), so a
@@ -27,8 +30,9 @@ versions.
 from __future__ import annotations
 
 import gc
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +46,10 @@ from transformers import (
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
 )
+
+from sdxl_cog.weights import layout
+from sdxl_cog.weights.control_parts import IP_ADAPTERS, SINGLE, UNION, control_section
+from sdxl_cog.weights.control_types import union_types
 
 from .synthetic import INIT_STD, make_readable, part_seed, random_model, sdxl_configs, write_json
 
@@ -201,6 +209,43 @@ def make_control_weights(root: Path | str, size: str = "tiny", seed: int = 0) ->
     for name, write in folders.items():
         write(root / name, size, part_seed(seed, name))
     return {name: root / name for name in folders}
+
+
+def add_control(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
+    """Bake every model above into weights made by synthetic.make_weights, under control/ as script/download-weights
+    lays them out (layout.py), and rewrite the manifest with every file and its `control` section; returns it.
+
+    The IP-Adapter is h94's bigG layout (sdxl_models/image_encoder), recorded as download-weights' `bigg` variant.
+    """
+    root = Path(root)
+    manifest = layout.read_manifest(root)
+    (root / layout.MANIFEST_NAME).unlink()  # no manifest vouches for half-written files
+    written = make_control_weights(root / layout.CONTROL_DIR, size, seed)
+    union_config = json.loads((written[CONTROLNET_UNION_DIR] / "config.json").read_text())
+    adapter = IP_ADAPTERS["bigg"]
+    entries = [
+        ("controlnets", _controlnet_entry("union", UNION, union_types(union_config["num_control_type"]))),
+        ("controlnets", _controlnet_entry("canny", SINGLE, ["canny"])),
+        ("controlnets", _controlnet_entry("depth", SINGLE, ["depth"])),
+        (
+            "ip_adapter",
+            {
+                "dir": layout.IP_ADAPTER_DIR,
+                "subfolder": IP_ADAPTER_SUBFOLDER,
+                "weight_name": adapter.weight_name,
+                "image_encoder_folder": adapter.image_encoder_folder,
+            },
+        ),
+        ("depth_estimator", {"dir": layout.DEPTH_ESTIMATOR_DIR}),
+    ]
+    origin = f"synthetic {size} control weights, seed {seed} (devtools/synthetic_control.py)"
+    entries = [(key, entry | {"source": origin}) for key, entry in entries]
+    sources = manifest["sources"] | {entry["dir"]: origin for _, entry in entries}
+    return layout.write_manifest(root, sources, models=manifest.get("models"), control=control_section(entries))
+
+
+def _controlnet_entry(name: str, kind: str, types: Iterable[str]) -> dict:
+    return {"name": name, "kind": kind, "dir": layout.controlnet_dir(name), "types": list(types)}
 
 
 def write_controlnet(folder: Path, size: str = "tiny", seed: int = 0) -> None:
