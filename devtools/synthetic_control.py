@@ -48,8 +48,8 @@ from transformers import (
 )
 
 from sdxl_cog.weights import layout
-from sdxl_cog.weights.control_parts import IP_ADAPTERS, SINGLE, UNION, control_section
-from sdxl_cog.weights.control_types import union_types
+from sdxl_cog.weights.control_parts import IP_ADAPTERS, control_section
+from sdxl_cog.weights.control_types import SINGLE, UNION, union_types
 
 from .synthetic import INIT_STD, make_readable, part_seed, random_model, sdxl_configs, write_json
 

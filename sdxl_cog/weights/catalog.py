@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdxl_cog.weights.control_types import CONTROL_TYPES
+from sdxl_cog.weights.control_types import CONTROL_TYPES, CONTROLNET_KINDS, SINGLE, UNION
 from sdxl_cog.weights.layout import (
     BASE_DIR,
     CONTROLNET_FILES,
@@ -78,8 +78,6 @@ def component_key(manifest: dict, folder: str, component: str) -> tuple:
 
 # --- Control models: the manifest's optional `control` section ---------------------------------------------------
 
-CONTROLNET_KINDS = ("single", "union")
-
 
 @dataclass(frozen=True)
 class ControlNetEntry:
@@ -133,13 +131,12 @@ def control_entries(manifest: dict) -> ControlEntries:
     the manifest does not list.
     """
     section = manifest.get("control") or {}
+    adapter, depth = section.get("ip_adapter"), section.get("depth_estimator")
     try:
         entries = ControlEntries(
             controlnets=tuple(_controlnet_entry(e) for e in section.get("controlnets", [])),
-            ip_adapter=_ip_adapter_entry(section["ip_adapter"]) if "ip_adapter" in section else None,
-            depth_estimator=_depth_estimator_entry(section["depth_estimator"])
-            if "depth_estimator" in section
-            else None,
+            ip_adapter=_ip_adapter_entry(adapter) if adapter is not None else None,
+            depth_estimator=_depth_estimator_entry(depth) if depth is not None else None,
         )
     except KeyError as e:
         raise ValueError(f"The weights manifest's control section lacks the field {e}.") from None
@@ -161,7 +158,7 @@ def _controlnet_entry(entry: dict) -> ControlNetEntry:
         raise ValueError(f"{where}: unknown kind {controlnet.kind!r} (expected one of {', '.join(CONTROLNET_KINDS)}).")
     if unknown := [t for t in controlnet.types if t not in CONTROL_TYPES]:
         raise ValueError(f"{where}: unknown type {unknown[0]!r} (expected one of {', '.join(CONTROL_TYPES)}).")
-    if controlnet.kind == "single" and len(controlnet.types) != 1:
+    if controlnet.kind == SINGLE and len(controlnet.types) != 1:
         raise ValueError(f"{where}: a single-type ControlNet serves one type, not {list(controlnet.types)}.")
     return controlnet
 
@@ -184,8 +181,8 @@ def _check_controlnets(controlnets: tuple[ControlNetEntry, ...]) -> None:
     """Which model serves a type must be unambiguous: one name each, one single-type model per type, one union."""
     for what, keys in (
         ("named", [c.name for c in controlnets]),
-        ("single-type for", [c.types[0] for c in controlnets if c.kind == "single"]),
-        ("of kind", [c.kind for c in controlnets if c.kind == "union"]),
+        ("single-type for", [c.types[0] for c in controlnets if c.kind == SINGLE]),
+        ("of kind", [c.kind for c in controlnets if c.kind == UNION]),
     ):
         if repeated := sorted({key for key in keys if keys.count(key) > 1}):
             raise ValueError(f"The weights manifest lists two ControlNets {what} {repeated[0]!r}.")

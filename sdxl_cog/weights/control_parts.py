@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sdxl_cog.weights.control_types import CONTROL_TYPES, union_types
+from sdxl_cog.weights.control_types import CONTROL_TYPES, SINGLE, UNION, union_types
 from sdxl_cog.weights.layout import (
     CONTROLNET_FILES,
     DEPTH_ESTIMATOR_DIR,
@@ -29,7 +29,6 @@ from sdxl_cog.weights.layout import (
 from sdxl_cog.weights.parts import Part
 from sdxl_cog.weights.sources import DownloadError
 
-SINGLE, UNION = "single", "union"
 CONTROLNET_CONFIG = CONTROLNET_FILES[0]
 
 # The ControlNets baked by name: name -> (kind, repo).
@@ -53,12 +52,12 @@ class IpAdapterVariant:
 
 IP_ADAPTER_REPO, IP_ADAPTER_SUBFOLDER = "h94/IP-Adapter", "sdxl_models"
 IP_ADAPTERS = {
-    # ViT-H/14 (632 M parameters, 1.26 GB as fp16) and the adapter trained on it: the lean choice.
+    # ViT-H/14 (632 M parameters, 1.26 GB as fp16) and the adapter trained on it: the lean choice, and what a bare
+    # --ip-adapter bakes (script/download-weights).
     "vit-h": IpAdapterVariant("ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder", cast_encoder=True),
     # OpenCLIP ViT-bigG/14 (3.69 GB, published in fp16) and the original SDXL adapter.
     "bigg": IpAdapterVariant("ip-adapter_sdxl.safetensors", "image_encoder", cast_encoder=False),
 }
-DEFAULT_IP_ADAPTER = "vit-h"
 DEPTH_ESTIMATOR_REPO = "depth-anything/Depth-Anything-V2-Small-hf"
 
 

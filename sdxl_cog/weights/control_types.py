@@ -24,6 +24,10 @@ UNION_CONTROL_MODES = {
 }
 CONTROL_TYPES = tuple(UNION_CONTROL_MODES)
 
+# A ControlNet's kind: a single-type one serves one type; a union (ControlNetUnionModel) each of union_types(...).
+SINGLE, UNION = "single", "union"
+CONTROLNET_KINDS = (SINGLE, UNION)
+
 
 def union_types(num_control_type: int) -> tuple[str, ...]:
     """The types a union checkpoint with `num_control_type` modes serves (its config.json's value)."""
