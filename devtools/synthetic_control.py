@@ -32,7 +32,7 @@ from __future__ import annotations
 import gc
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +48,9 @@ from transformers import (
 )
 
 from sdxl_cog.weights import layout
+from sdxl_cog.weights.catalog import SINGLE, UNION
 from sdxl_cog.weights.control_parts import IP_ADAPTERS, control_section
-from sdxl_cog.weights.control_types import SINGLE, UNION, union_types
+from sdxl_cog.weights.control_types import union_types
 
 from .synthetic import INIT_STD, make_readable, part_seed, random_model, sdxl_configs, write_json
 
@@ -209,43 +210,6 @@ def make_control_weights(root: Path | str, size: str = "tiny", seed: int = 0) ->
     for name, write in folders.items():
         write(root / name, size, part_seed(seed, name))
     return {name: root / name for name in folders}
-
-
-def add_control(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
-    """Bake every model above into weights made by synthetic.make_weights, under control/ as script/download-weights
-    lays them out (layout.py), and rewrite the manifest with every file and its `control` section; returns it.
-
-    The IP-Adapter is h94's bigG layout (sdxl_models/image_encoder), recorded as download-weights' `bigg` variant.
-    """
-    root = Path(root)
-    manifest = layout.read_manifest(root)
-    (root / layout.MANIFEST_NAME).unlink()  # no manifest vouches for half-written files
-    written = make_control_weights(root / layout.CONTROL_DIR, size, seed)
-    union_config = json.loads((written[CONTROLNET_UNION_DIR] / "config.json").read_text())
-    adapter = IP_ADAPTERS["bigg"]
-    entries = [
-        ("controlnets", _controlnet_entry("union", UNION, union_types(union_config["num_control_type"]))),
-        ("controlnets", _controlnet_entry("canny", SINGLE, ["canny"])),
-        ("controlnets", _controlnet_entry("depth", SINGLE, ["depth"])),
-        (
-            "ip_adapter",
-            {
-                "dir": layout.IP_ADAPTER_DIR,
-                "subfolder": IP_ADAPTER_SUBFOLDER,
-                "weight_name": adapter.weight_name,
-                "image_encoder_folder": adapter.image_encoder_folder,
-            },
-        ),
-        ("depth_estimator", {"dir": layout.DEPTH_ESTIMATOR_DIR}),
-    ]
-    origin = f"synthetic {size} control weights, seed {seed} (devtools/synthetic_control.py)"
-    entries = [(key, entry | {"source": origin}) for key, entry in entries]
-    sources = manifest["sources"] | {entry["dir"]: origin for _, entry in entries}
-    return layout.write_manifest(root, sources, models=manifest.get("models"), control=control_section(entries))
-
-
-def _controlnet_entry(name: str, kind: str, types: Iterable[str]) -> dict:
-    return {"name": name, "kind": kind, "dir": layout.controlnet_dir(name), "types": list(types)}
 
 
 def write_controlnet(folder: Path, size: str = "tiny", seed: int = 0) -> None:
@@ -420,3 +384,50 @@ def _size(size: str) -> ControlSize:
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}: choose one of {', '.join(SIZES)}.")
     return SIZES[size]
+
+
+# The ControlNets add_control bakes by default: every kind, so that both halves of the serving rule are exercised.
+ALL_CONTROLNETS = ("union", "canny", "depth")
+
+
+def add_control(
+    root: Path | str,
+    controlnets: tuple[str, ...] = ALL_CONTROLNETS,
+    ip_adapter: bool = True,
+    depth_estimator: bool = True,
+    size: str = "tiny",
+    seed: int = 0,
+) -> dict:
+    """Bake control models of `size` (the base's) into weights made by synthetic.make_weights, under control/ as
+    script/download-weights lays them out (layout.py), and rewrite the manifest with every file, their sources and
+    its `control` section; returns the manifest. The IP-Adapter is h94's bigG layout (sdxl_models/image_encoder),
+    recorded as download-weights --ip-adapter bigg records it. Each model's bytes are make_control_weights'."""
+    root = Path(root)
+    manifest = layout.read_manifest(root)
+    (root / layout.MANIFEST_NAME).unlink()  # no manifest vouches for half-written files
+    entries = [("controlnets", _add_controlnet(root, name, size, seed)) for name in controlnets]
+    if ip_adapter:
+        write_ip_adapter(root / layout.IP_ADAPTER_DIR, size, part_seed(seed, IP_ADAPTER_DIR))
+        bigg = IP_ADAPTERS["bigg"]
+        adapter = {"subfolder": IP_ADAPTER_SUBFOLDER, "weight_name": bigg.weight_name}
+        entries.append(
+            ("ip_adapter", adapter | {"dir": layout.IP_ADAPTER_DIR, "image_encoder_folder": bigg.image_encoder_folder})
+        )
+    if depth_estimator:
+        write_depth_estimator(root / layout.DEPTH_ESTIMATOR_DIR, size, part_seed(seed, DEPTH_ESTIMATOR_DIR))
+        entries.append(("depth_estimator", {"dir": layout.DEPTH_ESTIMATOR_DIR}))
+    origin = f"synthetic {size} control weights, seed {seed} (devtools/synthetic_control.py)"
+    entries = [(key, entry | {"source": origin}) for key, entry in entries]
+    sources = manifest["sources"] | {entry["dir"]: origin for _, entry in entries}
+    return layout.write_manifest(root, sources, models=manifest.get("models"), control=control_section(entries))
+
+
+def _add_controlnet(root: Path, name: str, size: str, seed: int) -> dict:
+    """Write the union or a single-type ControlNet `name`; its manifest entry, less its source."""
+    folder = layout.controlnet_dir(name)
+    kind = UNION if name == "union" else SINGLE
+    write = write_controlnet_union if kind == UNION else write_controlnet
+    write(root / folder, size, part_seed(seed, folder.rsplit("/", 1)[1]))
+    config = json.loads((root / folder / "config.json").read_text())
+    types = union_types(config["num_control_type"]) if kind == UNION else (name,)
+    return {"name": name, "kind": kind, "dir": folder, "types": list(types)}

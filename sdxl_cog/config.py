@@ -82,6 +82,9 @@ VAE_DECODE_BYTES_PER_MEGAPIXEL = int(3.0 * GIB)
 # (2 CFG halves x 10 heads x 4096 queries x 77 keys x 2 bytes = 12.6 MB, rounded up).
 TEXT_ENCODER_BYTES_PER_CHUNK = int(6.5 * 1024**2)
 CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL = 16 * 1024**2
+# Per image, megapixel and ControlNet a request runs: a ControlNet is a copy of the UNet's down and middle blocks,
+# about half of its activations (estimate, as above).
+CONTROLNET_ACTIVATION_BYTES_PER_MEGAPIXEL = int(0.5 * GIB)
 # The CUDA context, allocator fragmentation and cuDNN workspaces.
 RESERVE_BYTES = int(1.5 * GIB)
 # What a GPU must serve with every module resident for low-VRAM mode to stay off: four 1024px images

@@ -18,8 +18,8 @@ from sdxl_cog.device.memory import MemoryBudget, PeakMemoryMeter, gpu_capacity, 
 from sdxl_cog.errors import InputError
 from sdxl_cog.generation.generate import generate
 from sdxl_cog.generation.prompts import check_prompt_lengths
-from sdxl_cog.generation.schedulers import SCHEDULERS
-from sdxl_cog.inputs.request import GenerationRequest, Refine
+from sdxl_cog.generation_parameters import a1111_fields
+from sdxl_cog.inputs.request import GenerationRequest
 from sdxl_cog.inputs.uploads import claim_input_dir, sweep_stale_inputs
 from sdxl_cog.outputs.directory import OutputDirectory
 from sdxl_cog.outputs.encoder import BackgroundEncoder
@@ -65,6 +65,7 @@ class SDXLService:
         self.settings.prediction_marker.touch()  # for the liveness probe: a prediction did start
         checkpoint = self.checkpoints.resolve(req.model)
         prompt_tokens = check_prompt_lengths(self._tokenizers(checkpoint, req), req.prompt, req.negative_prompt)
+        self.weights.control.check(req.controls, req.image_prompt)
         self.budget.check(req, prompt_tokens)
         if lora and not req.refine.runs_base:
             # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.
@@ -75,7 +76,11 @@ class SDXLService:
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
         texts = [
-            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale, checkpoint))
+            parameters_text(
+                req.prompt,
+                req.negative_prompt,
+                a1111_fields(req, seed, lora, lora_scale, checkpoint, self.weights.control),
+            )
             for seed in req.seeds
         ]
         out_of_memory = False
@@ -139,34 +144,3 @@ class SDXLService:
         """The tokenizers of the stages this request runs: the prompt must fit each of them."""
         tokenizers = checkpoint.model.tokenizers() if req.refine.runs_base else []
         return tokenizers + (self.weights.refiner.tokenizers() if req.refine.runs_refiner else [])
-
-    def _fields(
-        self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float, checkpoint: Checkpoint
-    ) -> dict[str, object]:
-        """The A1111-style generation parameters embedded in each image."""
-        fields: dict[str, object] = {
-            "Steps": req.num_inference_steps,
-            "Sampler": SCHEDULERS[req.scheduler].a1111_name,
-            "Schedule": req.scheduler,
-            "CFG scale": req.guidance_scale,
-            "Seed": seed,
-            "Size": f"{req.width}x{req.height}",
-        }
-        # A1111's order: the hash, then the name.
-        if checkpoint.entry.short_hash:
-            fields["Model hash"] = checkpoint.entry.short_hash
-        fields["Model"] = checkpoint.name
-        if not req.refine.runs_base:
-            # Only the refiner ran: its steps and strength are the generation's.
-            fields.update({"Steps": req.refine_steps, "Denoising strength": req.refine_strength})
-        elif req.image is not None:
-            fields["Denoising strength"] = req.prompt_strength
-        if req.refine.runs_refiner:
-            fields["Refiner"] = req.refine.value
-        if req.refine is Refine.EXPERT_ENSEMBLE:
-            fields["Refiner switch at"] = req.high_noise_frac
-        elif req.refine.refines_an_image:
-            fields.update({"Refiner steps": req.refine_steps, "Refiner strength": req.refine_strength})
-        if lora:
-            fields.update({"Lora": lora.rstrip("/").rsplit("/", 1)[-1], "Lora scale": lora_scale})
-        return fields

@@ -531,7 +531,7 @@ def test_make_test_weights_control_bakes_every_model_with_its_manifest_entry(tin
     ]
     # h94's bigG layout, recorded as download-weights --ip-adapter bigg records it.
     assert without_sources(read_manifest(tiny_control)["control"])["ip_adapter"] == FLAGS["ip-adapter bigg"][2][1]
-    assert entries.ip_adapter.image_encoder_path == "sdxl_models/image_encoder"
+    assert entries.ip_adapter.image_encoder_path == "control/ip-adapter/sdxl_models/image_encoder"
     assert entries.depth_estimator.folder == ESTIMATOR_DIR
     assert {name for name in layout_files(tiny_control) if name.startswith("control/")} == {
         name for name in read_manifest(tiny_control)["files"] if name.startswith("control/")
@@ -579,7 +579,7 @@ def test_baked_control_models_load_with_the_real_loaders_as_the_catalog_says(tin
     assert isinstance(ControlNetModel.from_pretrained(dest / canny.folder, variant="fp16"), ControlNetModel)
     # The encoder was cast to fp16 under the name load_ip_adapter's from_pretrained reads (it passes no variant).
     adapter = entries.ip_adapter
-    encoder_file = dest / adapter.folder / adapter.image_encoder_path / "model.safetensors"
+    encoder_file = dest / adapter.image_encoder_path / "model.safetensors"
     assert {t.dtype for t in safetensors.torch.load_file(encoder_file).values()} == {torch.float16}
     pipe = tiny_pipeline(tiny_control)
     pipe.load_ip_adapter(
@@ -650,10 +650,10 @@ def test_the_catalog_checks_the_adapter_files_where_diffusers_reads_them(tiny_co
     manifest = read_manifest(tiny_control)
     adapter = manifest["control"]["ip_adapter"]
     as_path = edited(manifest, ip_adapter=adapter | {"image_encoder_folder": "sdxl_models/image_encoder"})
-    assert control_entries(as_path).ip_adapter.image_encoder_path == "sdxl_models/image_encoder"
+    assert control_entries(as_path).ip_adapter.image_encoder_path == "control/ip-adapter/sdxl_models/image_encoder"
     elsewhere = edited(manifest, ip_adapter=adapter | {"image_encoder_folder": "models/image_encoder"})
     with pytest.raises(ValueError, match="lists no control/ip-adapter/models/image_encoder/config.json"):
         control_entries(elsewhere)
     assert catalog.IpAdapterEntry("f", "", "sdxl_models", "w", "image_encoder").image_encoder_path == (
-        "sdxl_models/image_encoder"
+        "f/sdxl_models/image_encoder"
     )

@@ -96,8 +96,8 @@ def test_the_table_covers_every_choice():
 def test_each_scheduler_builds_the_class_and_options_it_names(service, monkeypatch, name):
     built, stage_pipeline = [], generate_module.stage_pipeline
 
-    def spy(model, mode, scheduler_name):
-        pipe = stage_pipeline(model, mode, scheduler_name)
+    def spy(model, mode, scheduler_name, controlnet=None):
+        pipe = stage_pipeline(model, mode, scheduler_name, controlnet)
         built.append(pipe.scheduler)
         return pipe
 

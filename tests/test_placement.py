@@ -12,7 +12,6 @@ from sdxl_cog.config import Settings
 from sdxl_cog.device import placement as placement_module
 from sdxl_cog.device.memory import GIB, MemoryBudget, needs_low_vram
 from sdxl_cog.device.placement import (
-    STAGES,
     ResidentPlacement,
     StagedPlacement,
     make_placement,
@@ -42,8 +41,8 @@ SDXL_FP16 = {
 }
 ALL_WEIGHTS = sum(SDXL_FP16.values())
 REFERENCE = dict(width=1024, height=1024, num_outputs=4, refine="expert_ensemble_refiner")
-# A request with the refiner and the safety checker passes through every stage but the plain decode.
-STAGES_WITH_SAFETY_CHECK = [stage for stage in STAGES if stage != "vae_decode"]
+# A request with the refiner and the safety checker, and no control: the stages it passes through, in order.
+STAGES_WITH_SAFETY_CHECK = ["text_encoding", "base", "refiner", "vae_decode_and_safety_check"]
 
 
 # --- The decision rule ---------------------------------------------------------------------------
@@ -186,8 +185,8 @@ class DeviceTracker:
         if not self.placement.holds(layer, recurse=False):
             self.misplaced.add((name, self.stages[-1] if self.stages else None))
 
-    def _record(self, stage: str) -> None:
-        self._use(stage)
+    def _record(self, stage: str, extra: tuple[str, ...] = ()) -> None:
+        self._use(stage, extra)
         self.stages.append(stage)
         placed = _placed(self.placement, self.placement.modules)
         assert placed == self.placement.on_device and not {"base_unet", "refiner_unet"} <= placed

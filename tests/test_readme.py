@@ -20,8 +20,26 @@ def table_rows(markdown: str, heading: str) -> list[list[str]]:
     return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
 
 
+# README writes the three controlnet_N groups once, with N standing for 1, 2 and 3.
+SLOTS = (1, 2, 3)
+
+
+def expand_slots(rows: list[list[str]]) -> list[list[str]]:
+    """Each run of consecutive rows whose input is named with `_N` stands for that run once per slot, in order."""
+    expanded, run = [], []
+    for row in [*rows, None]:
+        if row is not None and "_N" in row[0]:
+            run.append(row)
+            continue
+        expanded += [[cell.replace("_N", f"_{n}") for cell in r] for n in SLOTS for r in run]
+        run = []
+        if row is not None:
+            expanded.append(row)
+    return expanded
+
+
 def test_the_inputs_table_is_the_schema():
-    rows = table_rows(README.read_text(), "Inputs")
+    rows = expand_slots(table_rows(README.read_text(), "Inputs"))
     assert [tuple(row[:3]) for row in rows] == expected_rows(build_schema())
     assert all(len(row) == 4 and row[3] for row in rows), "every input says what it does"
 

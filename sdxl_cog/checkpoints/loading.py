@@ -23,17 +23,19 @@ from sdxl_cog.checkpoints.checkpoint import Checkpoint, StageModel
 from sdxl_cog.checkpoints.lora import LoraAdapters
 from sdxl_cog.checkpoints.registry import Checkpoints
 from sdxl_cog.config import Settings
+from sdxl_cog.control.models import ControlModels, attach_ip_adapter, load_control_models
 from sdxl_cog.device.memory import gpu_capacity
 from sdxl_cog.device.placement import Placement, make_placement, module_bytes
 from sdxl_cog.finishing.safety import SafetyChecker
 from sdxl_cog.weights import layout
-from sdxl_cog.weights.catalog import SHAREABLE, CheckpointEntry, checkpoint_entries, component_key
+from sdxl_cog.weights.catalog import SHAREABLE, CheckpointEntry, checkpoint_entries, component_key, control_entries
 
 
 @dataclass
 class LoadedWeights:
     checkpoints: Checkpoints  # every checkpoint by name, the default first
     refiner: StageModel  # shared by every checkpoint
+    control: ControlModels  # ControlNets, IP-Adapter and depth estimator, when baked; shared too
     safety_checker: SafetyChecker
     placement: Placement  # which modules are on the device at each stage
     manifest: dict
@@ -70,6 +72,11 @@ def load_weights(settings: Settings) -> LoadedWeights:
         **load,
     )
     pipelines = load_checkpoints(root, manifest, entries, base, vae=vae, **load)
+    # The control models, when baked: the IP-Adapter's projections go into each checkpoint's UNet (once per UNet).
+    control = load_control_models(root, control_entries(manifest), dtype)
+    if control.ip_adapter is not None:
+        for pipe in {id(p.unet): p for p in pipelines}.values():
+            attach_ip_adapter(pipe, control.ip_adapter)
     seconds["load"] = time.perf_counter() - started - seconds["verify"]
 
     # 4. Onto the device: every module once, or (low-VRAM mode) into pinned memory for stage by stage.
@@ -82,6 +89,7 @@ def load_weights(settings: Settings) -> LoadedWeights:
         "refiner_unet": refiner.unet,
         "vae": vae,
         "safety_checker": safety_checker.model,
+        **control.placed_modules(),
     }
     placement = make_placement(settings.device, modules, settings.low_vram, gpu_capacity(settings.device))
     listed = [
@@ -90,11 +98,12 @@ def load_weights(settings: Settings) -> LoadedWeights:
         )
         for entry, pipe in zip(entries, pipelines)
     ]
-    shared = [refiner.unet, base.text_encoder_2, vae, safety_checker.model]
+    shared = [refiner.unet, base.text_encoder_2, vae, safety_checker.model, *control.placed_modules().values()]
     cache = None if placement.low_vram else _cache(settings, listed, shared)
     checkpoints = Checkpoints(listed, placement, cache, refiner_text_encoder_2=base.text_encoder_2)
     seconds["to_device"] = time.perf_counter() - started - seconds["verify"] - seconds["load"]
-    return LoadedWeights(checkpoints, StageModel.of("refiner", refiner), safety_checker, placement, manifest, seconds)
+    refiner_model = StageModel.of("refiner", refiner)
+    return LoadedWeights(checkpoints, refiner_model, control, safety_checker, placement, manifest, seconds)
 
 
 def load_checkpoints(

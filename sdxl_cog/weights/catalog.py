@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdxl_cog.weights.control_types import CONTROL_TYPES, CONTROLNET_KINDS, SINGLE, UNION
+from sdxl_cog.weights.control_types import CONTROL_TYPES
 from sdxl_cog.weights.layout import (
     BASE_DIR,
     CONTROLNET_FILES,
@@ -76,7 +76,11 @@ def component_key(manifest: dict, folder: str, component: str) -> tuple:
     )
 
 
-# --- Control models: the manifest's optional `control` section ---------------------------------------------------
+# --- ControlNet, IP-Adapter and depth models (the manifest's optional "control" key) -----------------------------
+
+# A ControlNet's kind: a single-type one serves one type; a union (ControlNetUnionModel) each of its `types`.
+SINGLE, UNION = "single", "union"
+CONTROLNET_KINDS = (SINGLE, UNION)
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,8 @@ class IpAdapterEntry:
 
     @property
     def image_encoder_path(self) -> str:
-        """The image encoder's folder, relative to `folder`."""
-        return image_encoder_path(self.subfolder, self.image_encoder_folder)
+        """The image encoder's folder, relative to the weights root."""
+        return f"{self.folder}/{image_encoder_path(self.subfolder, self.image_encoder_folder)}"
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,7 @@ def _needed_files(entries: ControlEntries) -> list[str]:
     needed = [f"{c.folder}/{name}" for c in entries.controlnets for name in CONTROLNET_FILES]
     if adapter := entries.ip_adapter:
         needed.append(f"{adapter.folder}/{adapter.subfolder}/{adapter.weight_name}")
-        needed += [f"{adapter.folder}/{adapter.image_encoder_path}/{name}" for name in IMAGE_ENCODER_FILES]
+        needed += [f"{adapter.image_encoder_path}/{name}" for name in IMAGE_ENCODER_FILES]
     if depth := entries.depth_estimator:
         needed += [f"{depth.folder}/{name}" for name in DEPTH_ESTIMATOR_FILES]
     return needed

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sdxl_cog.weights.control_types import CONTROL_TYPES, SINGLE, UNION, union_types
+from sdxl_cog.weights.catalog import SINGLE, UNION
+from sdxl_cog.weights.control_types import CONTROL_TYPES, union_types
 from sdxl_cog.weights.layout import (
     CONTROLNET_FILES,
     DEPTH_ESTIMATOR_DIR,

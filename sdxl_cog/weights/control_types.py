@@ -1,34 +1,30 @@
-"""The control types a request can name, and how a ControlNet-Union serves each: one table for the download, the
-manifest's catalog and the engine.
+"""The control types a request can ask for, and which of them a ControlNet-Union model serves.
 
-A union checkpoint (diffusers' ControlNetUnionModel, xinsir/controlnet-union-sdxl-1.0) takes a `control_mode` per
-control image; the modes are xinsir's ControlNetPlus README's. Its config's `num_control_type` says how many modes it
-was trained with: 6 in the first release, 8 in ProMax, which added tile (6) and repaint (7). A mode below that count is
-served, so the table's indices alone say which types need ProMax. Repaint (7) is not offered: inpainting has its own
-mode here.
+One table for the download script (which records the types a baked model serves), the manifest reader and the
+engine (which picks the model for each type and passes the union its control_mode).
 """
 
 from __future__ import annotations
 
-# Type -> the union's control_mode, in the order the API lists the types. Canny and lineart share mode 3 ("thin
-# lines": canny, MLSD, lineart were all trained into it).
+# predict.py's controlnet_N choices, less "none" (tests/test_schema.py checks the two agree).
+CONTROL_TYPES = ("canny", "depth", "pose", "lineart", "soft_edge", "normal", "segmentation", "tile")
+
+# xinsir/controlnet-union-sdxl-1.0's control_mode index per type (its ControlNetPlus README): openpose 0, depth 1,
+# thick lines (scribble, HED, soft edge) 2, thin lines (canny, lineart, MLSD) 3, normal 4, segmentation 5; the ProMax
+# release adds tile 6 and repaint 7 (not offered: it needs the masked source as its map).
 UNION_CONTROL_MODES = {
-    "canny": 3,
-    "depth": 1,
     "pose": 0,
-    "lineart": 3,
+    "depth": 1,
     "soft_edge": 2,
+    "canny": 3,
+    "lineart": 3,
     "normal": 4,
     "segmentation": 5,
-    "tile": 6,  # ProMax only (num_control_type 8)
+    "tile": 6,
 }
-CONTROL_TYPES = tuple(UNION_CONTROL_MODES)
-
-# A ControlNet's kind: a single-type one serves one type; a union (ControlNetUnionModel) each of union_types(...).
-SINGLE, UNION = "single", "union"
-CONTROLNET_KINDS = (SINGLE, UNION)
 
 
 def union_types(num_control_type: int) -> tuple[str, ...]:
-    """The types a union checkpoint with `num_control_type` modes serves (its config.json's value)."""
-    return tuple(name for name, mode in UNION_CONTROL_MODES.items() if mode < num_control_type)
+    """The types a union model whose config has `num_control_type` modes serves: 6 in the first release, 8 in
+    ProMax."""
+    return tuple(t for t in CONTROL_TYPES if UNION_CONTROL_MODES[t] < num_control_type)

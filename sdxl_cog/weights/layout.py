@@ -46,6 +46,7 @@ REFINER_DIR = "refiner"
 VAE_DIR = "vae"
 SAFETY_CHECKER_DIR = "safety_checker"
 MODELS_DIR = "models"
+# The optional ControlNet, IP-Adapter and depth models (script/download-weights --controlnet, --ip-adapter, ...).
 CONTROL_DIR = "control"
 CONTROLNET_PREFIX = "controlnet-"
 IP_ADAPTER_DIR = f"{CONTROL_DIR}/ip-adapter"
@@ -117,7 +118,8 @@ def write_manifest(
     root: Path, sources: dict[str, str], models: list[dict] | None = None, control: dict | None = None
 ) -> dict:
     """Hash every weight file under `root` and write manifest.json; `sources` records where each part came from,
-    `models` and `control` (see the module docstring) the checkpoints beyond a single base/ and the control models."""
+    `models` (see the module docstring) the checkpoints beyond a single base/, `control` the optional ControlNet,
+    IP-Adapter and depth models under control/ (catalog.control_entries reads it)."""
     files = {
         p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in _weight_files(root)
     }
