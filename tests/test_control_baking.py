@@ -21,19 +21,22 @@ import sys
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, ControlNetUnionModel, StableDiffusionXLPipeline
-from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+from diffusers import ControlNetUnionModel
+from PIL import Image
 
-from sdxl_cog.service import SDXLService
+from sdxl_cog.inputs.control import ControlInput
+from sdxl_cog.service import OutputOptions, SDXLService
 from sdxl_cog.weights import catalog, sources
 from sdxl_cog.weights import download as dl
 from sdxl_cog.weights.catalog import ControlEntries, control_entries
 from sdxl_cog.weights.control_types import CONTROL_TYPES, UNION_CONTROL_MODES, union_types
 from sdxl_cog.weights.layout import MANIFEST_NAME, WeightsError, read_manifest, sha256_of, verify
-from tests.helpers.hub import FakeHub, commit_of, layout_files, make_mirror, mtimes
+from tests.conftest import TEST_SIDE, make_request, pixels
+from tests.helpers.hub import BASE, REFINER, SAFETY, VAE, FakeHub, commit_of, layout_files, make_mirror, mtimes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UNION, CANNY, DEPTH = (
@@ -42,6 +45,7 @@ UNION, CANNY, DEPTH = (
     "diffusers/controlnet-depth-sdxl-1.0",
 )
 IP_ADAPTER, DEPTH_ANYTHING = "h94/IP-Adapter", "depth-anything/Depth-Anything-V2-Small-hf"
+RAW = OutputOptions(output_format="png", output_quality=80, apply_watermark=False, safety_check=False)
 
 # SDXL ControlNet configs, cut to the keys the download reads. xinsir's config_promax.json names ControlNetModel as
 # its class, as a third-party copy of it shows: only num_control_type marks it a union.
@@ -539,7 +543,10 @@ def test_make_test_weights_control_bakes_every_model_with_its_manifest_entry(tin
 
 
 def release_mirror(tiny_control: Path, root: Path) -> Path:
-    """The tiny control models laid out as their releases are on the Hub, for download-weights to bake."""
+    """The tiny control models laid out as their releases are on the Hub, for download-weights to bake; the tiny
+    SDXL parts as the stock repos, so that the result is one setup() loads."""
+    for folder, repo in {"base": BASE, "refiner": REFINER, "vae": VAE, "safety_checker": SAFETY}.items():
+        shutil.copytree(tiny_control / folder, root / repo)
     control = tiny_control / "control"
     shutil.copytree(control / "controlnet-canny", root / CANNY)
     union = Path(shutil.copytree(control / "controlnet-union", root / UNION))
@@ -562,41 +569,48 @@ def release_mirror(tiny_control: Path, root: Path) -> Path:
     return root
 
 
-def test_baked_control_models_load_with_the_real_loaders_as_the_catalog_says(tiny_control, tmp_path, monkeypatch):
-    tiny_hub = release_mirror(tiny_control, make_mirror(tmp_path / "hub"))
-    monkeypatch.setenv(sources.MIRROR_ENV, str(tiny_hub))
+@pytest.fixture
+def one_thread():
+    """Two generations on tiny models: on a shared 2-core machine a second OpenMP thread spins more than it works."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_baked_control_models_load_and_serve_as_the_catalog_says(
+    tiny_control, tmp_path, monkeypatch, settings, one_thread
+):
+    """download-weights bakes the tiny models from their releases' layouts (the union renamed, the ViT-H encoder cast
+    from fp32); diffusers loads the union as the catalog's kind says, and the engine serves a union control, a depth
+    map from the baked estimator and an image prompt from them exactly as from make-test-weights' own copies."""
+    monkeypatch.setenv(sources.MIRROR_ENV, str(release_mirror(tiny_control, tmp_path / "hub")))
     dest = tmp_path / "weights"
-    entries = control_entries(
-        dl.download(dest, controlnets=["union", "canny"], ip_adapter="vit-h", depth_estimator=True)
-    )
+    flags = {"controlnets": ["union", "canny"], "ip_adapter": "vit-h", "depth_estimator": True}
+    entries = control_entries(dl.download(dest, **flags))
 
-    union, canny = entries.controlnets
+    union = entries.controlnets[0]
     assert union.types == CONTROL_TYPES
-    loaded_union = ControlNetUnionModel.from_pretrained(dest / union.folder, variant="fp16")
-    assert loaded_union.config.num_control_type == 8
+    loaded = ControlNetUnionModel.from_pretrained(dest / union.folder, variant="fp16")
     original = safetensors.torch.load_file(tiny_control / UNION_DIR / "diffusion_pytorch_model.fp16.safetensors")
-    assert all(torch.equal(loaded_union.state_dict()[k].half(), t) for k, t in original.items())
-    assert isinstance(ControlNetModel.from_pretrained(dest / canny.folder, variant="fp16"), ControlNetModel)
-    # The encoder was cast to fp16 under the name load_ip_adapter's from_pretrained reads (it passes no variant).
-    adapter = entries.ip_adapter
-    encoder_file = dest / adapter.image_encoder_path / "model.safetensors"
-    assert {t.dtype for t in safetensors.torch.load_file(encoder_file).values()} == {torch.float16}
-    pipe = tiny_pipeline(tiny_control)
-    pipe.load_ip_adapter(
-        str(dest / adapter.folder),
-        subfolder=adapter.subfolder,
-        weight_name=adapter.weight_name,
-        image_encoder_folder=adapter.image_encoder_folder,
+    assert all(torch.equal(loaded.state_dict()[k].half(), t) for k, t in original.items())
+    encoder = safetensors.torch.load_file(dest / entries.ip_adapter.image_encoder_path / "model.safetensors")
+    assert {t.dtype for t in encoder.values()} == {torch.float16}  # cast, under the name from_pretrained reads
+    # pose has no single-type ControlNet in either: the union serves both controls.
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (TEST_SIDE, TEST_SIDE, 3), dtype=np.uint8)).save(photo)
+    request = make_request(
+        controls=[ControlInput("pose", photo, False, 0.8, 0.0, 1.0), ControlInput("depth", photo, True, 0.8, 0.0, 1.0)],
+        ip_adapter_image=photo,
+        ip_adapter_scale=0.6,
+        num_inference_steps=2,
+        seed=7,
     )
-    assert pipe.image_encoder is not None and pipe.unet.config.encoder_hid_dim_type == "ip_image_proj"
-    depth = dest / entries.depth_estimator.folder
-    assert AutoModelForDepthEstimation.from_pretrained(depth).config.model_type == "depth_anything"
-    assert AutoImageProcessor.from_pretrained(depth).size == {"height": 518, "width": 518}
-
-
-def tiny_pipeline(weights: Path) -> StableDiffusionXLPipeline:
-    vae = AutoencoderKL.from_pretrained(weights / "vae", variant="fp16")
-    return StableDiffusionXLPipeline.from_pretrained(weights / "base", vae=vae, variant="fp16", add_watermarker=False)
+    images = [
+        pixels(SDXLService(dataclasses.replace(settings, weights_dir=root)).predict(request, RAW, None, 0.6).paths[0])
+        for root in (dest, tiny_control)
+    ]
+    assert np.array_equal(*images)
 
 
 # --- Setup's checks and the catalog -------------------------------------------------------------------------------
