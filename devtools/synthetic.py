@@ -280,7 +280,7 @@ def add_model(
     }
     if profile:
         entry["profile"] = profile
-    return write_manifest(root, manifest["sources"], models=[*models, entry])
+    return write_manifest(root, manifest["sources"], models=[*models, entry], control=manifest.get("control"))
 
 
 def _link_tree(source: Path, target: Path) -> None:

@@ -15,6 +15,9 @@ AutoImageProcessor, each from a local folder with no network.
     depth-anything/
         depth-anything/Depth-Anything-V2-Small-hf: config.json, model.safetensors, preprocessor_config.json
 
+add_control bakes them all into a synthetic weights directory under control/, as script/download-weights lays them out,
+with the manifest's control section (script/make-test-weights --control).
+
 Every model is shaped after the SDXL base UNet of the same size (synthetic.sdxl_configs), so that it plugs into
 the synthetic base weights of that size: the ControlNets are diffusers' from_unet of that UNet, and the IP-Adapter's
 projections have its cross-attention widths. The weights are seeded random values (synthetic.random_model), so a
@@ -27,6 +30,7 @@ versions.
 from __future__ import annotations
 
 import gc
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +47,10 @@ from transformers import (
     DepthAnythingForDepthEstimation,
 )
 
+from sdxl_cog.weights import layout
+from sdxl_cog.weights.catalog import SINGLE, UNION
+from sdxl_cog.weights.control_parts import IP_ADAPTERS, control_section
 from sdxl_cog.weights.control_types import union_types
-from sdxl_cog.weights.layout import CONTROL_DIR, MANIFEST_NAME, read_manifest, write_manifest
 
 from .synthetic import INIT_STD, make_readable, part_seed, random_model, sdxl_configs, write_json
 
@@ -389,39 +395,39 @@ def add_control(
     controlnets: tuple[str, ...] = ALL_CONTROLNETS,
     ip_adapter: bool = True,
     depth_estimator: bool = True,
+    size: str = "tiny",
     seed: int = 0,
 ) -> dict:
-    """Bake tiny control models into weights made by synthetic.make_weights (tiny), under control/ as
-    script/download-weights lays them out, and list them in the manifest's "control" key; returns the manifest."""
+    """Bake control models of `size` (the base's) into weights made by synthetic.make_weights, under control/ as
+    script/download-weights lays them out (layout.py), and rewrite the manifest with every file, their sources and
+    its `control` section; returns the manifest. The IP-Adapter is h94's bigG layout (sdxl_models/image_encoder),
+    recorded as download-weights --ip-adapter bigg records it. Each model's bytes are make_control_weights'."""
     root = Path(root)
-    control = root / CONTROL_DIR
-    manifest = read_manifest(root)
-    entries: dict = {"controlnets": []}
-    for name in controlnets:
-        folder = control / f"controlnet-{name}"
-        if name == "union":
-            write_controlnet_union(folder, "tiny", part_seed(seed, folder.name))
-            types = union_types(UNION_CONTROL_TYPES)
-        else:
-            write_controlnet(folder, "tiny", part_seed(seed, folder.name))
-            types = (name,)
-        kind = "union" if name == "union" else "single"
-        entry = {"name": name, "kind": kind, "dir": folder.relative_to(root).as_posix(), "types": list(types)}
-        entries["controlnets"].append({**entry, "source": "synthetic tiny (devtools/synthetic_control.py)"})
+    manifest = layout.read_manifest(root)
+    (root / layout.MANIFEST_NAME).unlink()  # no manifest vouches for half-written files
+    entries = [("controlnets", _add_controlnet(root, name, size, seed)) for name in controlnets]
     if ip_adapter:
-        write_ip_adapter(control / IP_ADAPTER_DIR, "tiny", part_seed(seed, IP_ADAPTER_DIR))
-        entries["ip_adapter"] = {
-            "dir": f"{CONTROL_DIR}/{IP_ADAPTER_DIR}",
-            "source": "synthetic tiny (devtools/synthetic_control.py)",
-            "subfolder": IP_ADAPTER_SUBFOLDER,
-            "weight_name": IP_ADAPTER_WEIGHT_NAME,
-            "image_encoder_folder": IMAGE_ENCODER_FOLDER,
-        }
+        write_ip_adapter(root / layout.IP_ADAPTER_DIR, size, part_seed(seed, IP_ADAPTER_DIR))
+        bigg = IP_ADAPTERS["bigg"]
+        adapter = {"subfolder": IP_ADAPTER_SUBFOLDER, "weight_name": bigg.weight_name}
+        entries.append(
+            ("ip_adapter", adapter | {"dir": layout.IP_ADAPTER_DIR, "image_encoder_folder": bigg.image_encoder_folder})
+        )
     if depth_estimator:
-        write_depth_estimator(control / DEPTH_ESTIMATOR_DIR, "tiny", part_seed(seed, DEPTH_ESTIMATOR_DIR))
-        entries["depth_estimator"] = {
-            "dir": f"{CONTROL_DIR}/{DEPTH_ESTIMATOR_DIR}",
-            "source": "synthetic tiny (devtools/synthetic_control.py)",
-        }
-    (root / MANIFEST_NAME).unlink()
-    return write_manifest(root, manifest["sources"], manifest.get("models"), control=entries)
+        write_depth_estimator(root / layout.DEPTH_ESTIMATOR_DIR, size, part_seed(seed, DEPTH_ESTIMATOR_DIR))
+        entries.append(("depth_estimator", {"dir": layout.DEPTH_ESTIMATOR_DIR}))
+    origin = f"synthetic {size} control weights, seed {seed} (devtools/synthetic_control.py)"
+    entries = [(key, entry | {"source": origin}) for key, entry in entries]
+    sources = manifest["sources"] | {entry["dir"]: origin for _, entry in entries}
+    return layout.write_manifest(root, sources, models=manifest.get("models"), control=control_section(entries))
+
+
+def _add_controlnet(root: Path, name: str, size: str, seed: int) -> dict:
+    """Write the union or a single-type ControlNet `name`; its manifest entry, less its source."""
+    folder = layout.controlnet_dir(name)
+    kind = UNION if name == "union" else SINGLE
+    write = write_controlnet_union if kind == UNION else write_controlnet
+    write(root / folder, size, part_seed(seed, folder.rsplit("/", 1)[1]))
+    config = json.loads((root / folder / "config.json").read_text())
+    types = union_types(config["num_control_type"]) if kind == UNION else (name,)
+    return {"name": name, "kind": kind, "dir": folder, "types": list(types)}
