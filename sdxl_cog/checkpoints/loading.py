@@ -28,7 +28,14 @@ from sdxl_cog.device.memory import gpu_capacity
 from sdxl_cog.device.placement import Placement, make_placement, module_bytes
 from sdxl_cog.finishing.safety import SafetyChecker
 from sdxl_cog.weights import layout
-from sdxl_cog.weights.catalog import SHAREABLE, CheckpointEntry, checkpoint_entries, component_key, control_entries
+from sdxl_cog.weights.catalog import (
+    SHAREABLE,
+    CheckpointEntry,
+    ControlEntries,
+    checkpoint_entries,
+    component_key,
+    control_entries,
+)
 
 
 @dataclass
@@ -50,8 +57,9 @@ def load_weights(settings: Settings) -> LoadedWeights:
     transformers_logging.disable_progress_bar()
     started = time.perf_counter()
 
-    # 1. Fail fast, naming the file, if the weights are incomplete or corrupt.
+    # 1. Fail fast, naming the file, if the weights are incomplete or corrupt, or the manifest says what we cannot serve.
     manifest = layout.verify(root, full_hash=settings.verify_weights_hash)
+    entries, controls = read_entries(root, manifest)
     seconds["verify"] = time.perf_counter() - started
     if settings.prefetch_weights:
         prefetch.start(root)
@@ -62,7 +70,6 @@ def load_weights(settings: Settings) -> LoadedWeights:
     # 3. The default checkpoint (base/), the refiner borrowing its second text encoder, its tokenizer and the VAE,
     # then the further checkpoints (models/NAME), each component that equals one already loaded shared.
     load = dict(dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False)
-    entries = checkpoint_entries(manifest)
     base = StableDiffusionXLPipeline.from_pretrained(root / layout.BASE_DIR, vae=vae, **load)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         root / layout.REFINER_DIR,
@@ -73,7 +80,7 @@ def load_weights(settings: Settings) -> LoadedWeights:
     )
     pipelines = load_checkpoints(root, manifest, entries, base, vae=vae, **load)
     # The control models, when baked: the IP-Adapter's projections go into each checkpoint's UNet (once per UNet).
-    control = load_control_models(root, control_entries(manifest), dtype)
+    control = load_control_models(root, controls, dtype)
     if control.ip_adapter is not None:
         for pipe in {id(p.unet): p for p in pipelines}.values():
             attach_ip_adapter(pipe, control.ip_adapter)
@@ -104,6 +111,18 @@ def load_weights(settings: Settings) -> LoadedWeights:
     seconds["to_device"] = time.perf_counter() - started - seconds["verify"] - seconds["load"]
     refiner_model = StageModel.of("refiner", refiner)
     return LoadedWeights(checkpoints, refiner_model, control, safety_checker, placement, manifest, seconds)
+
+
+def read_entries(root: Path, manifest: dict) -> tuple[list[CheckpointEntry], ControlEntries]:
+    """The checkpoints and control models the manifest lists; a WeightsError naming the manifest if it lists what
+    this code cannot serve (an unknown profile preset, control type or kind: a hand-edited or newer manifest)."""
+    try:
+        return checkpoint_entries(manifest), control_entries(manifest)
+    except (ValueError, KeyError) as e:
+        raise layout.WeightsError(
+            f"{root / layout.MANIFEST_NAME} lists what this server cannot serve: {e}. Re-bake the weights with this "
+            "version's script/download-weights."
+        ) from e
 
 
 def load_checkpoints(

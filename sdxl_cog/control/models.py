@@ -22,15 +22,10 @@ from transformers import AutoImageProcessor, AutoModelForDepthEstimation, CLIPVi
 from sdxl_cog.device.placement import CONTROLNET_SLOT_PREFIX, DEPTH_ESTIMATOR_SLOT, IMAGE_ENCODER_SLOT
 from sdxl_cog.errors import InputError
 from sdxl_cog.inputs.control import Control, ImagePrompt
-from sdxl_cog.weights.catalog import ControlEntries, ControlNetEntry, IpAdapterEntry
+from sdxl_cog.weights.catalog import SINGLE, UNION, ControlEntries, ControlNetEntry, IpAdapterEntry
+from sdxl_cog.weights.control_parts import STOCK_CONTROLNETS
 
 # What bakes a model a request asks for, for the message that refuses it (script/download-weights' flags).
-BAKES_CONTROLNET = {
-    "canny": "--controlnet canny or --controlnet union",
-    "depth": "--controlnet depth or --controlnet union",
-    "tile": "--controlnet union (its ProMax release)",
-}
-BAKES_ANY_CONTROLNET = "--controlnet union, or --controlnet {type}=REPO for a single-type ControlNet"
 BAKES_DEPTH_ESTIMATOR = "--depth-estimator"
 BAKES_IP_ADAPTER = "--ip-adapter"
 
@@ -42,7 +37,7 @@ class ControlNet:
 
     @property
     def union(self) -> bool:
-        return self.entry.kind == "union"
+        return self.entry.kind == UNION
 
     @property
     def slot(self) -> str:
@@ -94,10 +89,9 @@ class ControlModels:
                 "which one request cannot mix: ask for types one of them serves alone."
             )
         control = missing[0]
-        bakes = BAKES_CONTROLNET.get(control.type, BAKES_ANY_CONTROLNET.format(type=control.type))
         raise InputError(
             f"controlnet_{control.slot}={control.type}: no ControlNet for {control.type} is baked into this image. "
-            f"Bake one with script/download-weights {bakes}."
+            f"Bake one with script/download-weights {bakes_controlnet(control.type)}."
         )
 
     def check(self, controls: tuple[Control, ...], image_prompt: ImagePrompt | None) -> None:
@@ -116,6 +110,18 @@ class ControlModels:
                 "ip_adapter_image needs an IP-Adapter, and none is baked into this image: bake one with "
                 f"script/download-weights {BAKES_IP_ADAPTER}."
             )
+
+
+def bakes_controlnet(type_: str) -> str:
+    """The flags that bake a ControlNet for `type_`: its stock single-type one if there is one, and the union (its
+    ProMax release serves every type); else any single-type one named by its repository."""
+    singles = [
+        f"--controlnet {name}" for name, (kind, _) in STOCK_CONTROLNETS.items() if kind == SINGLE and name == type_
+    ]
+    union = [f"--controlnet {name}" for name, (kind, _) in STOCK_CONTROLNETS.items() if kind == UNION]
+    if singles:
+        return " or ".join(singles + union)
+    return f"{' or '.join(union)}, or --controlnet {type_}=REPO for a single-type ControlNet"
 
 
 def load_control_models(root: Path, entries: ControlEntries, dtype: torch.dtype) -> ControlModels:
