@@ -6,6 +6,7 @@
 #   make push REGISTRY=registry.example.com/ml   # builds, then pushes $(REGISTRY)/$(IMAGE):$(TAG)
 #   make test                                    # the whole suite (what CI runs)
 #   make test-fast                               # the engine tier only (no compile tier: pytest -m compile)
+#   make try                                     # the API and playground on tiny random weights, no GPU
 #   make lint
 #   make gpu-check                               # measure a CUDA GPU, offline (bench/gpu_check.py; see below)
 #
@@ -36,7 +37,7 @@ BUILD_ARGS = --label org.opencontainers.image.version=$(TAG) --label org.opencon
 	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
 comma := ,
 
-.PHONY: image push test test-fast lint cog-build cog-push
+.PHONY: image push test test-fast lint cog-build cog-push try
 
 ifneq ($(filter push,$(MAKECMDGOALS)),)
 ifeq ($(REGISTRY),)
@@ -81,6 +82,10 @@ test:
 test-fast:
 	$(PYTHON) -m pytest -q -m engine tests
 
+# The API and the playground on tiny synthetic weights (noise images), no GPU and no download: script/try.
+try:
+	script/try
+
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
@@ -98,7 +103,7 @@ soak:
 fuzz:
 	$(PYTHON) script/fuzz --max-examples $(FUZZ_EXAMPLES)
 
-# The server measured on a CUDA GPU with no network (bench/gpu_check.py; bench/README.md, section 8): the wheels
+# The server measured on a CUDA GPU with no network (bench/gpu_check.py; bench/README.md, section 9): the wheels
 # script/gpu-wheels downloaded beforehand into WHEELS are installed into GPU_SITE, which comes first on PYTHONPATH,
 # so the machine's own packages stay as they are. GPU_CHECK_FLAGS go to the script (e.g. --repeat 5).
 WHEELS ?= .whl

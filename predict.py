@@ -8,6 +8,7 @@ switch without changing their requests.
 from cog import BasePredictor, Input, Path
 
 from sdxl_cog.config import Settings
+from sdxl_cog.inputs.control import ControlInput
 from sdxl_cog.inputs.request import build_request
 from sdxl_cog.service import OutputOptions, SDXLService
 
@@ -28,6 +29,7 @@ SCHEDULERS = [
 ]
 REFINE_MODES = ["no_refiner", "expert_ensemble_refiner", "base_image_refiner", "refiner_only"]
 OUTPUT_FORMATS = ["png", "jpg", "webp"]
+CONTROL_TYPES = ["none", "canny", "depth", "pose", "lineart", "soft_edge", "normal", "segmentation", "tile"]
 
 
 class Predictor(BasePredictor):
@@ -134,6 +136,79 @@ class Predictor(BasePredictor):
         output_quality: int = Input(
             description="jpg/webp quality (webp at 100 is lossless); ignored for png.", default=80, ge=0, le=100
         ),
+        controlnet_1: str = Input(
+            description="ControlNet 1: what controlnet_1_image guides (none: off). Which baked model serves each type, and what the image lacks, is checked when the request runs.",
+            default="none",
+            choices=CONTROL_TYPES,
+        ),
+        controlnet_1_image: Path | None = Input(
+            description="ControlNet 1's image (a data: URI or an http(s) URL), fitted to the output size as image is: a photo to preprocess, or a ready control map.",
+            default=None,
+        ),
+        controlnet_1_preprocess: bool = Input(
+            description="Make the control map from controlnet_1_image in the server (canny: OpenCV edges; depth: the baked depth estimator; tile: the image itself). Other types take a ready map: set false.",
+            default=True,
+        ),
+        controlnet_1_conditioning_scale: float = Input(
+            description="How strongly ControlNet 1 guides the image (0 = not at all).", default=0.75, ge=0, le=4
+        ),
+        controlnet_1_start: float = Input(
+            description="Fraction of the steps at which ControlNet 1 starts guiding.", default=0.0, ge=0, le=1
+        ),
+        controlnet_1_end: float = Input(
+            description="Fraction of the steps at which ControlNet 1 stops guiding.", default=1.0, ge=0, le=1
+        ),
+        controlnet_2: str = Input(
+            description="ControlNet 2: what controlnet_2_image guides (none: off). Which baked model serves each type, and what the image lacks, is checked when the request runs.",
+            default="none",
+            choices=CONTROL_TYPES,
+        ),
+        controlnet_2_image: Path | None = Input(
+            description="ControlNet 2's image (a data: URI or an http(s) URL), fitted to the output size as image is: a photo to preprocess, or a ready control map.",
+            default=None,
+        ),
+        controlnet_2_preprocess: bool = Input(
+            description="Make the control map from controlnet_2_image in the server (canny: OpenCV edges; depth: the baked depth estimator; tile: the image itself). Other types take a ready map: set false.",
+            default=True,
+        ),
+        controlnet_2_conditioning_scale: float = Input(
+            description="How strongly ControlNet 2 guides the image (0 = not at all).", default=0.75, ge=0, le=4
+        ),
+        controlnet_2_start: float = Input(
+            description="Fraction of the steps at which ControlNet 2 starts guiding.", default=0.0, ge=0, le=1
+        ),
+        controlnet_2_end: float = Input(
+            description="Fraction of the steps at which ControlNet 2 stops guiding.", default=1.0, ge=0, le=1
+        ),
+        controlnet_3: str = Input(
+            description="ControlNet 3: what controlnet_3_image guides (none: off). Which baked model serves each type, and what the image lacks, is checked when the request runs.",
+            default="none",
+            choices=CONTROL_TYPES,
+        ),
+        controlnet_3_image: Path | None = Input(
+            description="ControlNet 3's image (a data: URI or an http(s) URL), fitted to the output size as image is: a photo to preprocess, or a ready control map.",
+            default=None,
+        ),
+        controlnet_3_preprocess: bool = Input(
+            description="Make the control map from controlnet_3_image in the server (canny: OpenCV edges; depth: the baked depth estimator; tile: the image itself). Other types take a ready map: set false.",
+            default=True,
+        ),
+        controlnet_3_conditioning_scale: float = Input(
+            description="How strongly ControlNet 3 guides the image (0 = not at all).", default=0.75, ge=0, le=4
+        ),
+        controlnet_3_start: float = Input(
+            description="Fraction of the steps at which ControlNet 3 starts guiding.", default=0.0, ge=0, le=1
+        ),
+        controlnet_3_end: float = Input(
+            description="Fraction of the steps at which ControlNet 3 stops guiding.", default=1.0, ge=0, le=1
+        ),
+        ip_adapter_image: Path | None = Input(
+            description="IP-Adapter image prompt (a data: URI or an http(s) URL): its style and content guide the image beside the text prompt.",
+            default=None,
+        ),
+        ip_adapter_scale: float = Input(
+            description="How strongly ip_adapter_image guides the image (0 = not at all).", default=0.6, ge=0, le=1
+        ),
         model: str | None = Input(
             description="Checkpoint, by the name it was baked under (metrics.model names the one used). Default: the first one baked. The names depend on what this image baked, so they are checked when the request runs: an unknown one fails listing them.",
             default=None,
@@ -158,6 +233,34 @@ class Predictor(BasePredictor):
             refine_steps=refine_steps,
             refine_strength=refine_strength,
             model=model,
+            controls=[
+                ControlInput(
+                    controlnet_1,
+                    controlnet_1_image,
+                    controlnet_1_preprocess,
+                    controlnet_1_conditioning_scale,
+                    controlnet_1_start,
+                    controlnet_1_end,
+                ),
+                ControlInput(
+                    controlnet_2,
+                    controlnet_2_image,
+                    controlnet_2_preprocess,
+                    controlnet_2_conditioning_scale,
+                    controlnet_2_start,
+                    controlnet_2_end,
+                ),
+                ControlInput(
+                    controlnet_3,
+                    controlnet_3_image,
+                    controlnet_3_preprocess,
+                    controlnet_3_conditioning_scale,
+                    controlnet_3_start,
+                    controlnet_3_end,
+                ),
+            ],
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_scale=ip_adapter_scale,
             profile=self.service.profile(model),
         )
         options = OutputOptions(output_format, output_quality, apply_watermark, safety_check=not disable_safety_checker)

@@ -1,7 +1,7 @@
 """`make gpu-check`: the server measured on a CUDA GPU with nothing but this repository and the wheels of
 script/gpu-wheels: no network, no weights on disk.
 
-    make gpu-check                                                    # the GPU machine (bench/README.md, section 8)
+    make gpu-check                                                    # the GPU machine (bench/README.md, section 9)
     python bench/gpu_check.py --device cpu --size tiny --side 128 --steps 2 --mode-steps 2 --repeat 1 \\
         --compile-sizes 128x128                                       # the smoke test (tests/test_gpu_check.py)
 

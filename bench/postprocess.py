@@ -5,7 +5,7 @@
     python bench/postprocess.py --device cuda --size full # the same on a GPU (fp16)
 
 Three implementations, each per phase and end to end, for 1 and 4 images at 1024x1024 and 512x512:
-- `new`: this code: sdxl_cog.generate.finish_images (per image: decode and uint8 on the device, then in the
+- `new`: this code: sdxl_cog.generation.generate.finish_images (per image: decode and uint8 on the device, then in the
   finishing threads the safety check beside the watermark, on the device, one copy to the host) feeding
   outputs.BackgroundEncoder.
 - `before`: the code at BEFORE_COMMIT, the commit before this change. Its sdxl_cog package is extracted

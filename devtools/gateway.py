@@ -23,6 +23,8 @@ from devtools.cog_server import REPO_ROOT, free_port
 GATEWAY_DIR = REPO_ROOT / "gateway"
 START_TIMEOUT_S = 15
 STOP_GRACE_S = 10
+# A reload starts new workers at once; this is ample for them to take over on loopback.
+RELOAD_SETTLE_S = 0.5
 
 
 class GatewayError(RuntimeError):
@@ -43,9 +45,11 @@ def nobody_readable_dir(prefix: str) -> Path:
 
 
 class Gateway:
-    def __init__(self, upstream_port: int, env: dict[str, str] | None = None):
+    def __init__(self, upstream_port: int, env: dict[str, str] | None = None, gateway_dir: Path = GATEWAY_DIR):
+        """`gateway_dir` holds start, render, the configuration and the pages (a copy, to run it from elsewhere)."""
         self.upstream_port = upstream_port
         self.env = env or {}
+        self.gateway_dir = gateway_dir
         self.port = free_port()
         self._tmp: Path | None = nobody_readable_dir("sdxl-gateway-")
         self.events_port = free_port()
@@ -75,7 +79,7 @@ class Gateway:
         }
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [str(GATEWAY_DIR / "start")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [str(self.gateway_dir / "start")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -88,6 +92,25 @@ class Gateway:
                 time.sleep(0.1)
         self.stop()
         raise GatewayError(f"gateway not answering after {START_TIMEOUT_S}s:\n{self.log()}")
+
+    def master_pid(self) -> int:
+        return int((self.run_dir / "nginx.pid").read_text())
+
+    def worker_pids(self) -> list[int]:
+        """nginx's worker processes: the master's children, from /proc."""
+        children = Path(f"/proc/{self.master_pid()}/task/{self.master_pid()}/children").read_text().split()
+        return [int(pid) for pid in children]
+
+    def worker_memory_kb(self) -> dict[str, int]:
+        """The worker's resident memory now (VmRSS) and at its peak so far (VmHWM), in kB."""
+        (worker,) = self.worker_pids()
+        status = Path(f"/proc/{worker}/status").read_text().splitlines()
+        return {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
+
+    def reload(self) -> None:
+        """Make nginx re-read its configuration: new workers (njs starts afresh), the old ones finish."""
+        os.kill(self.master_pid(), signal.SIGHUP)
+        time.sleep(RELOAD_SETTLE_S)
 
     def log(self) -> str:
         try:

@@ -228,7 +228,7 @@ def make_weights(root: Path | str, size: str = "tiny", seed: int = 0) -> dict:
     _write_pipeline_files(root)
     for directory, (encoder, pad_token) in TOKENIZERS.items():
         write_tokenizer(root / directory, configs[encoder]["vocab_size"], pad_token)
-    _write_json(root / SAFETY_CHECKER_DIR / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+    write_json(root / SAFETY_CHECKER_DIR / "preprocessor_config.json", PREPROCESSOR_CONFIG)
     # 3. The models, one at a time (a full-size UNet alone is 5 GB).
     for part in PARTS:
         _write_part(root, part, configs[part.config], part_seed(seed, part.path))
@@ -280,7 +280,7 @@ def add_model(
     }
     if profile:
         entry["profile"] = profile
-    return write_manifest(root, manifest["sources"], models=[*models, entry])
+    return write_manifest(root, manifest["sources"], models=[*models, entry], control=manifest.get("control"))
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -303,7 +303,7 @@ def set_safety_checker_flags_everything(root: Path | str) -> None:
     for name in THRESHOLD_TENSORS:
         tensors[name] = torch.full_like(tensors[name], FLAG_EVERYTHING_THRESHOLD)
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
-    _make_readable(path.parent)
+    make_readable(path.parent)
     manifest = read_manifest(root)
     sources = manifest["sources"]
     if not sources[SAFETY_CHECKER_DIR].endswith(FLAGS_EVERYTHING_NOTE):
@@ -351,8 +351,8 @@ def sdxl_conditioning(configs: dict[str, dict]) -> None:
 
 def _write_pipeline_files(root: Path) -> None:
     version = {"_diffusers_version": diffusers.__version__}
-    _write_json(root / BASE_DIR / "model_index.json", {**BASE_MODEL_INDEX, **version})
-    _write_json(root / REFINER_DIR / "model_index.json", {**REFINER_MODEL_INDEX, **version})
+    write_json(root / BASE_DIR / "model_index.json", {**BASE_MODEL_INDEX, **version})
+    write_json(root / REFINER_DIR / "model_index.json", {**REFINER_MODEL_INDEX, **version})
     scheduler = EulerDiscreteScheduler.from_config(architecture("scheduler"))
     for pipeline in (BASE_DIR, REFINER_DIR):
         scheduler.save_pretrained(root / pipeline / "scheduler")
@@ -363,7 +363,7 @@ def _write_part(root: Path, part: Part, config: dict, seed: int) -> None:
     if part.config == "safety_checker":
         set_thresholds(model, NEVER_FLAG_THRESHOLD)
     model.save_pretrained(root / part.path, variant=WEIGHTS_VARIANT)
-    _make_readable(root / part.path)
+    make_readable(root / part.path)
     del model
     gc.collect()  # return the memory before the next (possibly 5 GB) model is built
 
@@ -421,10 +421,10 @@ def write_tokenizer(directory: Path, vocab_size: int, pad_token: str) -> None:
     vocabulary, which exercises the 77-token chunking early.
     """
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
-    _write_json(directory / "vocab.json", _vocab(vocab_size), ensure_ascii=False)
+    write_json(directory / "vocab.json", _vocab(vocab_size), ensure_ascii=False)
     (directory / "merges.txt").write_text("#version: 0.2\n")  # the header line only
-    _write_json(directory / "special_tokens_map.json", special)
-    _write_json(
+    write_json(directory / "special_tokens_map.json", special)
+    write_json(
         directory / "tokenizer_config.json",
         {
             **special,
@@ -458,7 +458,7 @@ def merge_words(directory: Path, words: list[str]) -> None:
             piece = joined
     for name in ("vocab.json", "merges.txt"):
         (directory / name).unlink()
-    _write_json(directory / "vocab.json", vocab, ensure_ascii=False)
+    write_json(directory / "vocab.json", vocab, ensure_ascii=False)
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
 
 
@@ -486,14 +486,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _make_readable(directory: Path) -> None:
+def make_readable(directory: Path) -> None:
     """safetensors creates files readable by their owner only; the image may run as another user."""
     for path in directory.iterdir():
         if path.is_file():
             path.chmod(READABLE)
 
 
-def _write_json(path: Path, data: dict, ensure_ascii: bool = True) -> None:
+def write_json(path: Path, data: dict, ensure_ascii: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=ensure_ascii) + "\n", encoding="utf-8")
 

@@ -1,56 +1,44 @@
-// Request checks of the SDXL gateway (njs, loaded by nginx.conf.template). Written for njs 0.7.9
+// Request handlers of the SDXL gateway (njs, loaded by nginx.conf.template). Written for njs 0.7.9
 // (Debian bookworm) and later: no optional chaining, no shared dictionaries.
 //
-// What coglet does not check and this does, before a request reaches it:
-//   - the API key (Authorization: Bearer KEY, or the bare KEY older SDXL servers used);
+// What coglet does not check and the gateway does, before a request reaches it:
+//   - the API key (Authorization: Bearer KEY, or the bare KEY older SDXL servers used), on the
+//     headers, before any body is read (access.js, in nginx's access phase);
+//   - who owns a prediction id: the key that started it (records.js); the gateway makes a random id
+//     for every prediction sent without one, so ids are never guessable;
 //   - prediction ids: coglet joins them into /tmp/coglet/predictions/<id>/ unsanitised;
 //   - file inputs (Path inputs in the schema): coglet downloads any URL given for them, from any host,
 //     and passes any other string to the predictor as a server path;
 //   - webhooks, which make the server call out.
 // And what coglet does wrong for a client that waits its turn: it answers 409 while its only slot
 // is busy, even in the moment after it sent the previous response. The gateway waits for the slot
-// (bounded) instead. coglet also has no GET /predictions/{id}: for an async request without a
-// webhook the gateway gives coglet its own events listener as the webhook, keeps the latest state
-// in a file and answers GET /predictions/{id} from it (to the key that started it).
+// (bounded) instead. coglet also has no GET /predictions/{id}: the gateway follows async predictions
+// itself (tracking.js) and serves their states and outputs as files.
 
 import common from 'common.js';
+import datauris from 'datauris.js';
 import keys from 'keys.js';
+import access from 'access.js';
+import records from 'records.js';
 import checks from 'checks.js';
 import slot from 'slot.js';
 import tracking from 'tracking.js';
 
-const PREDICTION_PATH = /^\/predictions\/([^/?]*)$/;
-
-const CANCEL_PATH = /^\/predictions\/([^/?]*)\/cancel$/;
+const PREDICTION_PATH = /^\/predictions\/([^/]*)$/;
 
 const QUEUE_RETRY_AFTER_S = 5;
 
-// -- handlers -------------------------------------------------------------------------------------
+// What an open /health-check tells a caller without a key: what probes and load balancers need.
+const OPEN_HEALTH_FIELDS = ['status'];
 
-// POST /predictions and PUT /predictions/{id}.
+// POST /predictions and PUT /predictions/{id}, after access.js has let them through.
 async function predict(r) {
-    if (!keys.authorize(r)) {
-        return;
-    }
-    let pathId = '';
-    if (r.uri !== '/predictions') {
-        const match = PREDICTION_PATH.exec(common.rawPath(r));
-        if (!match || !common.ID_PATTERN.test(match[1])) {
-            return common.badId(r, 'path');
-        }
-        if (r.method === 'GET') {
-            return tracking.readPrediction(r, match[1]);
-        }
-        if (r.method !== 'PUT') {
-            return common.sendJson(r, 405, 'Use PUT /predictions/{id} (or POST /predictions)');
-        }
-        pathId = match[1];
-    } else if (r.method !== 'POST') {
-        return common.sendJson(r, 405, 'Use POST /predictions');
-    }
+    const pathId = r.uri === '/predictions' ? '' : PREDICTION_PATH.exec(common.rawPath(r))[1];
+    // The body's data: URIs (image, mask) stay where nginx read them; the rest is parsed.
+    const parts = datauris.split(r.requestBuffer || Buffer.from(''));
     let body;
     try {
-        body = JSON.parse(r.requestText || '');
+        body = JSON.parse(parts.text);
     } catch (e) {
         return common.sendJson(r, 400, 'The body is not valid JSON: ' + e.message);
     }
@@ -58,51 +46,69 @@ async function predict(r) {
     if (problem) {
         return common.sendJson(r, 400, problem);
     }
+    // 1. The id: the client's, or one nobody can guess; it must be free or this key's.
+    const id = pathId || body.id || common.randomToken();
+    const claimed = records.claim(r, id);
+    if (!claimed) {
+        return common.sendJson(r, 404, access.takenMessage(id));
+    }
+    records.sweep(r);
+    // 2. An async prediction without a webhook of its own: the gateway's, and a first state.
     const tracked = tracking.tracksAsync(r, body);
     let forwarded;  // the parent's own body, unless the gateway adds its webhook
     if (tracked) {
-        tracking.forgetOldStates(r);
-        body.webhook = r.variables.sdxl_events_url;
-        body.webhook_events_filter = ['start', 'output', 'logs', 'completed'];
-        forwarded = JSON.stringify(body);
+        tracking.start(r, id, claimed, body);
+        forwarded = datauris.join(JSON.stringify(body), parts);
     }
-    const target = '/_coglet' + (pathId ? '/predictions/' + pathId : '/predictions');
-    const reply = await slot.forwardWhenFree(r, target, forwarded);
+    // 3. To coglet, always with the id in the path (the body's id, if any, is the same).
+    const reply = await slot.forwardWhenFree(r, '/_coglet/predictions/' + id, forwarded);
+    const started = reply.status === 200 || reply.status === 202;
+    // A prediction that never started leaves no claim; nor does a finished sync one under an id
+    // the gateway made, which nobody else can know. One that reused its owner's id says it failed.
+    if (claimed.fresh && (!started || (reply.status === 200 && !pathId && !body.id))) {
+        records.release(r, id);
+    } else if (tracked && !started) {
+        tracking.notStarted(r, id, reply.refusal || reply.responseText);
+    }
     if (reply.refusal) {
         return common.sendJson(r, 503, reply.refusal, { 'Retry-After': String(QUEUE_RETRY_AFTER_S) });
-    }
-    if (tracked && reply.status === 202) {
-        tracking.recordOwner(r, reply);
     }
     r.headersOut['Content-Type'] = reply.headersOut['Content-Type'] || 'application/json';
     r.return(reply.status, reply.responseText);
 }
 
-// POST /predictions/{id}/cancel
-function cancel(r) {
-    if (!keys.authorize(r)) {
-        return;
+// GET /health-check: the status for anyone (probes), coglet's whole answer for a key.
+async function health(r) {
+    if (r.method !== 'GET' && r.method !== 'HEAD') {
+        return common.sendJson(r, 405, 'Use GET /health-check');
     }
-    const match = CANCEL_PATH.exec(common.rawPath(r));
-    if (!match || !common.ID_PATTERN.test(match[1])) {
-        return common.badId(r, 'path');
+    const reply = await r.subrequest('/_coglet/health-check', { method: 'GET' });
+    if (reply.status !== 200) {
+        return common.sendJson(r, 503, 'The model server is not answering (starting or restarting); retry shortly',
+            { 'Retry-After': '5' });
     }
-    r.internalRedirect('@coglet');
+    const verdict = keys.keyCheck(r);
+    let text = reply.responseText;
+    if (verdict !== 'ok' && verdict !== 'open') {
+        let full = {};
+        try {
+            full = JSON.parse(text);
+        } catch (e) {
+            // an answer without a status reads as none
+        }
+        const open = {};
+        OPEN_HEALTH_FIELDS.forEach(function (name) { open[name] = full[name]; });
+        text = JSON.stringify(open);
+    }
+    r.headersOut['Content-Type'] = 'application/json';
+    r.return(200, text);
 }
 
-// GET /openapi.json
-function passThrough(r) {
-    if (keys.authorize(r)) {
-        r.internalRedirect('@coglet');
-    }
-}
-
-function notFound(r) {
-    if (common.rawPath(r).startsWith('/predictions')) {
-        return common.badId(r, 'path');
-    }
-    common.sendJson(r, 404, 'Not found. The API: GET /health-check, GET /openapi.json, POST /predictions, ' +
-        'PUT /predictions/{id}, POST /predictions/{id}/cancel; pages: / and /docs/');
-}
-
-export default { clientId: keys.clientId, predict, cancel, passThrough, notFound, storeEvent: tracking.storeEvent };
+export default {
+    clientId: keys.clientId,
+    checkAccess: access.checkAccess,
+    checkEvent: tracking.checkEvent,
+    storeEvent: tracking.storeEvent,
+    predict,
+    health,
+};

@@ -30,7 +30,8 @@ function presentedKey(r) {
     return (match ? match[1] : header).trim();
 }
 
-// 'ok', or why not: 'missing', 'wrong', 'no keys configured', 'file unreadable'.
+// 'ok', 'open' (no keys, SDXL_OPEN_ACCESS=1), or why not: 'missing', 'wrong', 'no keys configured',
+// 'file unreadable'.
 function keyCheck(r) {
     let keys;
     try {
@@ -40,7 +41,7 @@ function keyCheck(r) {
         return 'file unreadable';
     }
     if (keys.length === 0) {
-        return process.env.SDXL_OPEN_ACCESS === '1' ? 'ok' : 'no keys configured';
+        return process.env.SDXL_OPEN_ACCESS === '1' ? 'open' : 'no keys configured';
     }
     const key = presentedKey(r);
     if (!key) {
@@ -51,38 +52,19 @@ function keyCheck(r) {
     return keys.some(function (k) { return common.sha256(k) === digest; }) ? 'ok' : 'wrong';
 }
 
-function authorize(r) {
+// Who a request counts against (js_set $sdxl_client): a valid key's digest, else the address.
+function clientId(r) {
     const verdict = keyCheck(r);
     if (verdict === 'ok') {
-        return true;
+        return 'key:' + common.sha256(presentedKey(r)).slice(0, 16);
     }
-    // Logged without the key: who, what, and why it was refused.
-    r.warn('gateway: refused ' + r.method + ' ' + r.uri + ' from ' + r.remoteAddress + ': key ' + verdict);
-    if (verdict === 'file unreadable') {
-        common.sendJson(r, 503, 'The gateway cannot read its key file (SDXL_API_KEYS_FILE); see its error log');
-    } else if (verdict === 'no keys configured') {
-        common.sendJson(r, 503, 'The gateway has no API keys configured (SDXL_API_KEYS or SDXL_API_KEYS_FILE); ' +
-            'set one, or SDXL_OPEN_ACCESS=1 for an open server');
-    } else {
-        common.sendJson(r, 401, verdict === 'missing'
-            ? 'Missing API key: send "Authorization: Bearer <key>"'
-            : 'Invalid API key', { 'WWW-Authenticate': 'Bearer' });
-    }
-    return false;
+    return (verdict === 'open' ? 'open:' : 'anon:') + r.remoteAddress;
 }
 
-// The rate-limit key: a valid key's digest, or the client's address.
-function clientId(r) {
-    const key = presentedKey(r);
-    if (key && keyCheck(r) === 'ok') {
-        return 'key:' + common.sha256(key).slice(0, 16);
-    }
-    return 'addr:' + r.remoteAddress;
-}
-
-// Who may read an async prediction back: the digest of the key that started it.
+// Whom a prediction belongs to: the digest of the key that started it (the address without keys).
 function ownerToken(r) {
-    return 'key:' + common.sha256(presentedKey(r));
+    const key = presentedKey(r);
+    return key ? 'key:' + common.sha256(key) : 'open:' + r.remoteAddress;
 }
 
-export default { authorize, clientId, ownerToken, presentedKey };
+export default { keyCheck, clientId, ownerToken };

@@ -46,13 +46,13 @@ function isBusy(reply) {
     return reply.status === 409 && reply.responseText.indexOf(BUSY_TEXT) >= 0;
 }
 
-// Send the prediction to coglet; while it says it is busy, wait for READY and send it again, until
+// PUT the prediction to coglet; while it says it is busy, wait for READY and send it again, until
 // the wait bound. The body is the parent request's (kept in memory) unless `body` replaces it.
 async function forwardWhenFree(r, target, body) {
     const waitMs = queueWaitMs();
     const deadline = Date.now() + waitMs;
     for (;;) {
-        const options = { method: r.method };
+        const options = { method: 'PUT' };
         if (body !== undefined) {
             options.body = body;
         }

@@ -1,118 +1,105 @@
-// Async predictions the gateway follows for its clients: coglet's webhook events, kept as files in
-// the run directory, read back by GET /predictions/{id}.
+// Async predictions the gateway follows for its clients. A request with Prefer: respond-async and no
+// webhook of its own gets the gateway's events listener as its webhook, with the prediction's id and
+// a secret made for this start in the URL; coglet's events land in <store>/states/<id>.json (outputs
+// as files, outputs.js), which GET /predictions/{id} serves to the key that started it.
 
 import common from 'common.js';
-
-import keys from 'keys.js';
+import datauris from 'datauris.js';
+import records from 'records.js';
+import outputs from 'outputs.js';
 
 const fs = require('fs');
 
 const TERMINAL_STATUSES = ['succeeded', 'failed', 'canceled'];
 
-// How long an async prediction's state stays readable: long enough to collect, short enough that
-// images do not pile up in the gateway's run directory.
-const STATE_KEEP_MS = 3600 * 1000;
+// No "output" events: each would carry every output made so far as base64, and the final event
+// carries them all once. The step lines arrive as "logs" events.
+const EVENTS = ['start', 'logs', 'completed'];
 
-function statePath(r, id, suffix) {
-    return r.variables.sdxl_state_dir + '/' + id + suffix;
-}
+const EVENT_PATH = /^\/events\/([A-Za-z0-9_-]{1,64})\/([0-9a-f]{32})$/;
 
-function exists(path) {
-    try {
-        fs.statSync(path);
-        return true;
-    } catch (e) {
-        return false;
-    }
-}
-
-function writeAtomically(path, text) {
-    fs.writeFileSync(path + '.tmp', text);
-    fs.renameSync(path + '.tmp', path);
-}
-
-// An async request without a webhook gets the gateway's own, with every event, so that its
-// progress (the step lines in its logs) can be read back.
+// An async request without a webhook of its own.
 function tracksAsync(r, body) {
     const prefer = r.headersIn.Prefer || '';
     return prefer.indexOf('respond-async') >= 0 && (body.webhook === undefined || body.webhook === null);
 }
 
-function forgetOldStates(r) {
-    const dir = r.variables.sdxl_state_dir;
-    const now = Date.now();
-    fs.readdirSync(dir).forEach(function (name) {
-        try {
-            if (now - fs.statSync(dir + '/' + name).mtimeMs > STATE_KEEP_MS) {
-                fs.unlinkSync(dir + '/' + name);
-            }
-        } catch (e) {
-            // already gone
-        }
-    });
-}
-
-function recordOwner(r, reply) {
-    let accepted;
+function readState(r, id) {
     try {
-        accepted = JSON.parse(reply.responseText);
+        return JSON.parse(fs.readFileSync(records.statePath(r, id), 'utf8'));
     } catch (e) {
-        return;
-    }
-    if (!accepted || typeof accepted.id !== 'string' || !common.ID_PATTERN.test(accepted.id)) {
-        return;
-    }
-    // The first owner stays: a PUT that repeats someone's id must not make their prediction its own.
-    if (!exists(statePath(r, accepted.id, '.owner'))) {
-        fs.writeFileSync(statePath(r, accepted.id, '.owner'), keys.ownerToken(r));
-    }
-    if (!exists(statePath(r, accepted.id, '.json'))) {
-        writeAtomically(statePath(r, accepted.id, '.json'), reply.responseText);  // no event yet
+        return null;
     }
 }
 
-// POST /events on the internal listener: coglet's webhook, the whole prediction each time.
+function isTerminal(state) {
+    return state !== null && TERMINAL_STATUSES.indexOf(state.status) >= 0;
+}
+
+// Before the body goes to coglet: the webhook with this start's secret, and a first state. A record
+// already tracked keeps its secret while its prediction runs (coglet answers a repeated PUT with the
+// running prediction and ignores the new webhook); once it has finished, the id starts afresh.
+function start(r, id, claimed, body) {
+    const record = claimed.record;
+    const running = record.secret && !isTerminal(readState(r, id));
+    if (!running) {
+        record.secret = common.randomToken();
+        records.update(r, id, record);
+        outputs.forget(r, id);
+        records.writeAtomically(records.statePath(r, id), JSON.stringify({ id: id, status: 'starting' }));
+    }
+    body.webhook = r.variables.sdxl_events_url + '/' + id + '/' + record.secret;
+    body.webhook_events_filter = EVENTS;
+}
+
+// The state of a prediction that coglet did not take (invalid input, busy past the wait bound).
+function notStarted(r, id, answer) {
+    const state = { id: id, status: 'failed', error: 'Not started: ' + String(answer).slice(0, 2000) };
+    records.writeAtomically(records.statePath(r, id), JSON.stringify(state));
+}
+
+// What a state keeps of a data: URI other than an output (an input image or mask: up to 48 MB).
+function described(uri) {
+    return 'data: URI of ' + uri.length + ' bytes (not kept by the gateway)';
+}
+
+// The access check of the events listener: a webhook URL the gateway gave coglet for this start.
+function checkEvent(r) {
+    const match = EVENT_PATH.exec(common.rawPath(r));
+    const method = r.variables.request.split(' ')[0];
+    const record = match ? records.read(r, match[1]) : null;
+    const valid = method === 'POST' && record !== null && typeof record.secret === 'string' &&
+        common.sameSecret(record.secret, match[2]);
+    if (!valid) {
+        r.warn('gateway: refused a webhook event that no prediction started here was given');
+    }
+    r.return(valid ? 204 : 403);
+}
+
+// POST /events/<id>/<secret> on the internal listener: coglet's webhook, the whole prediction each time.
 function storeEvent(r) {
+    const id = EVENT_PATH.exec(common.rawPath(r))[1];
+    const parts = datauris.split(r.requestBuffer || Buffer.from(''));
     let prediction;
     try {
-        prediction = JSON.parse(r.requestText || '');
+        prediction = JSON.parse(parts.text);
     } catch (e) {
         return r.return(400);
     }
-    if (!prediction || typeof prediction.id !== 'string' || !common.ID_PATTERN.test(prediction.id)) {
+    if (!prediction || prediction.id !== id) {
         return r.return(400);
     }
-    const path = statePath(r, prediction.id, '.json');
-    try {
-        // Events may overtake each other; a finished prediction stays finished.
-        const known = JSON.parse(fs.readFileSync(path, 'utf8'));
-        if (TERMINAL_STATUSES.indexOf(known.status) >= 0 && TERMINAL_STATUSES.indexOf(prediction.status) < 0) {
-            return r.return(200);
-        }
-    } catch (e) {
-        // first event
+    // Events may overtake each other; a finished prediction stays finished.
+    if (isTerminal(readState(r, id)) && !isTerminal(prediction)) {
+        return r.return(200);
     }
-    writeAtomically(path, r.requestText);
+    prediction.output = outputs.store(r, id, prediction.output, parts);
+    const state = JSON.stringify(prediction, function (key, value) {
+        const uri = datauris.uriOf(parts, value);
+        return uri ? described(uri) : value;
+    });
+    records.writeAtomically(records.statePath(r, id), state);
     r.return(200);
 }
 
-// GET /predictions/{id}: the latest state of an async prediction this gateway started.
-function readPrediction(r, id) {
-    let owner = '';
-    let state = '';
-    try {
-        owner = fs.readFileSync(statePath(r, id, '.owner'), 'utf8');
-        state = fs.readFileSync(statePath(r, id, '.json'), 'utf8');
-    } catch (e) {
-        owner = '';
-    }
-    // Someone else's prediction reads as unknown, not as forbidden.
-    if (!state || owner !== keys.ownerToken(r)) {
-        return common.sendJson(r, 404, 'No async prediction ' + id + ' started with this key (states are kept for ' +
-            STATE_KEEP_MS / 60000 + ' minutes)');
-    }
-    r.headersOut['Content-Type'] = 'application/json';
-    r.return(200, state);
-}
-
-export default { tracksAsync, forgetOldStates, recordOwner, storeEvent, readPrediction };
+export default { tracksAsync, start, notStarted, checkEvent, storeEvent };

@@ -34,7 +34,7 @@ MAX_SEED = 2**32 - 1
 DEFAULT_HIGH_NOISE_FRAC = 0.8
 DEFAULT_OUTPUT_QUALITY = 80
 
-# Prompts are encoded in chunks of 75 tokens (CLIP's 77 less BOS and EOS; sdxl_cog/prompts.py). Ten
+# Prompts are encoded in chunks of 75 tokens (CLIP's 77 less BOS and EOS; generation/prompts.py). Ten
 # chunks, 750 tokens, is two to three times the longest prompts AUTOMATIC1111 users write (a few
 # hundred tokens), while bounding what one request costs: each token adds ~2.2 GFLOP per UNet step at
 # 1024x1024 (750 tokens: +1.6 TFLOP on ~6 per step, < +30%) and ~6.5 MB per chunk to the text
@@ -82,6 +82,9 @@ VAE_DECODE_BYTES_PER_MEGAPIXEL = int(3.0 * GIB)
 # (2 CFG halves x 10 heads x 4096 queries x 77 keys x 2 bytes = 12.6 MB, rounded up).
 TEXT_ENCODER_BYTES_PER_CHUNK = int(6.5 * 1024**2)
 CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL = 16 * 1024**2
+# Per image, megapixel and ControlNet a request runs: a ControlNet is a copy of the UNet's down and middle blocks,
+# about half of its activations (estimate, as above).
+CONTROLNET_ACTIVATION_BYTES_PER_MEGAPIXEL = int(0.5 * GIB)
 # The CUDA context, allocator fragmentation and cuDNN workspaces.
 RESERVE_BYTES = int(1.5 * GIB)
 # What a GPU must serve with every module resident for low-VRAM mode to stay off: four 1024px images
@@ -226,14 +229,14 @@ class Settings:
             device=device,
             dtype=getattr(torch, DTYPES[dtype_name]),
             verify_weights_hash=_env_bool("SDXL_VERIFY_WEIGHTS_HASH", False),
-            # Off by default: it pays only where the disk is much faster than the loader (sdxl_cog/prefetch.py).
+            # Off by default: it pays only where the disk is much faster than the loader (checkpoints/prefetch.py).
             prefetch_weights=_env_bool("SDXL_PREFETCH_WEIGHTS", False),
             output_dir=_env_path("SDXL_OUTPUT_DIR", Path("/tmp/sdxl-outputs")),
             # 16 predictions: at most 64 images (~100 MB of 1024px PNGs) kept for the operator to
-            # recover one whose upload to --upload-url failed (sdxl_cog/outputs.py).
+            # recover one whose upload to --upload-url failed (outputs/directory.py).
             output_keep=_env_int("SDXL_OUTPUT_KEEP", 16),
             # Where coglet writes downloaded image/mask inputs: made the worker's tempfile directory
-            # (sdxl_cog/uploads.py). Under TMPDIR, so whatever watches TMPDIR still sees it.
+            # (inputs/uploads.py). Under TMPDIR, so whatever watches TMPDIR still sees it.
             input_dir=_env_path("SDXL_INPUT_DIR", Path(os.environ.get("TMPDIR") or "/tmp") / "sdxl-inputs"),
             # The liveness probe tells a long stretch of back-to-back predictions from a wedged slot
             # by it; the same default as deploy/probe.py's.

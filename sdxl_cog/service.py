@@ -12,6 +12,7 @@ import torch
 
 from sdxl_cog.checkpoints.checkpoint import Checkpoint
 from sdxl_cog.checkpoints.loading import Pipelines, assemble, read_pipelines
+from sdxl_cog.checkpoints.registry import Checkpoints
 from sdxl_cog.config import Settings
 from sdxl_cog.device import compilation
 from sdxl_cog.device.health import DeviceHealth
@@ -19,9 +20,9 @@ from sdxl_cog.device.memory import MemoryBudget, PeakMemoryMeter, gpu_capacity, 
 from sdxl_cog.errors import InputError
 from sdxl_cog.generation.generate import generate
 from sdxl_cog.generation.prompts import check_prompt_lengths
-from sdxl_cog.generation.schedulers import SCHEDULERS
 from sdxl_cog.generation.warmup import warm_up
-from sdxl_cog.inputs.request import GenerationRequest, Refine
+from sdxl_cog.generation_parameters import a1111_fields
+from sdxl_cog.inputs.request import GenerationRequest
 from sdxl_cog.inputs.uploads import claim_input_dir, sweep_stale_inputs
 from sdxl_cog.outputs.directory import OutputDirectory
 from sdxl_cog.outputs.encoder import BackgroundEncoder
@@ -49,7 +50,6 @@ class SDXLService:
         settings.weights_dir."""
         self.settings = settings
         self.weights = assemble(settings, pipelines or read_pipelines(settings))
-        self.checkpoints = self.weights.checkpoints
         if self.weights.compiled is not None:
             # SDXL_COMPILE: compiled now, so that no request pays for it (generation/warmup.py).
             self.weights.load_seconds["warmup"] = warm_up(self.weights, settings.compile_sizes, settings.device)
@@ -58,6 +58,10 @@ class SDXLService:
         self.budget = MemoryBudget(gpu_capacity(settings.device), self.weights.placement.peak_bytes)
         self.gpu_memory = PeakMemoryMeter.for_device(settings.device)
         self.health = DeviceHealth.for_device(settings.device)  # what the predictor's healthcheck() reports
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        return self.weights.checkpoints
 
     def profile(self, model: str | None) -> Profile:
         """The defaults of the checkpoint `model` names (None: the default one); InputError if there is none."""
@@ -69,6 +73,7 @@ class SDXLService:
         self.settings.prediction_marker.touch()  # for the liveness probe: a prediction did start
         checkpoint = self.checkpoints.resolve(req.model)
         prompt_tokens = check_prompt_lengths(self._tokenizers(checkpoint, req), req.prompt, req.negative_prompt)
+        self.weights.control.check(req.controls, req.image_prompt)
         self.budget.check(req, prompt_tokens)
         if lora and not req.refine.runs_base:
             # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.
@@ -79,7 +84,11 @@ class SDXLService:
         directory, tag = self.outputs.start_prediction()
         print(f"Seeds: {list(req.seeds)} ({req.mode}, {req.width}x{req.height}, {req.scheduler})", flush=True)
         texts = [
-            parameters_text(req.prompt, req.negative_prompt, self._fields(req, seed, lora, lora_scale, checkpoint))
+            parameters_text(
+                req.prompt,
+                req.negative_prompt,
+                a1111_fields(req, seed, lora, lora_scale, checkpoint, self.weights.control),
+            )
             for seed in req.seeds
         ]
         out_of_memory = False
@@ -150,34 +159,3 @@ class SDXLService:
         """The tokenizers of the stages this request runs: the prompt must fit each of them."""
         tokenizers = checkpoint.model.tokenizers() if req.refine.runs_base else []
         return tokenizers + (self.weights.refiner.tokenizers() if req.refine.runs_refiner else [])
-
-    def _fields(
-        self, req: GenerationRequest, seed: int, lora: str | None, lora_scale: float, checkpoint: Checkpoint
-    ) -> dict[str, object]:
-        """The A1111-style generation parameters embedded in each image."""
-        fields: dict[str, object] = {
-            "Steps": req.num_inference_steps,
-            "Sampler": SCHEDULERS[req.scheduler].a1111_name,
-            "Schedule": req.scheduler,
-            "CFG scale": req.guidance_scale,
-            "Seed": seed,
-            "Size": f"{req.width}x{req.height}",
-        }
-        # A1111's order: the hash, then the name.
-        if checkpoint.entry.short_hash:
-            fields["Model hash"] = checkpoint.entry.short_hash
-        fields["Model"] = checkpoint.name
-        if not req.refine.runs_base:
-            # Only the refiner ran: its steps and strength are the generation's.
-            fields.update({"Steps": req.refine_steps, "Denoising strength": req.refine_strength})
-        elif req.image is not None:
-            fields["Denoising strength"] = req.prompt_strength
-        if req.refine.runs_refiner:
-            fields["Refiner"] = req.refine.value
-        if req.refine is Refine.EXPERT_ENSEMBLE:
-            fields["Refiner switch at"] = req.high_noise_frac
-        elif req.refine.refines_an_image:
-            fields.update({"Refiner steps": req.refine_steps, "Refiner strength": req.refine_strength})
-        if lora:
-            fields.update({"Lora": lora.rstrip("/").rsplit("/", 1)[-1], "Lora scale": lora_scale})
-        return fields

@@ -26,11 +26,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from devtools.synthetic import add_model, lora_state_dict
+from devtools.synthetic_control import add_control
 from sdxl_cog.config import Settings, parse_compile_sizes
 from sdxl_cog.device import compilation
 from sdxl_cog.device import placement as placement_module
 from sdxl_cog.device.placement import module_bytes
 from sdxl_cog.errors import InputError
+from sdxl_cog.inputs.control import ControlInput
 from sdxl_cog.service import SDXLService
 from sdxl_cog.weights.layout import BASE_DIR
 from tests.conftest import TEST_SIDE, FakeGpuPlacement, half_mask, pixels, run, source_image
@@ -206,6 +208,34 @@ def test_low_vram_mode_stays_compiled_while_the_weights_move(service, compiled_s
     monkeypatch.setattr(compilation, "SERVING_STANCE", "fail_on_recompile")
     for request in (dict(seed=9, refine="expert_ensemble_refiner"), dict(seed=9)):
         assert_close(run(staged, **request).images[0], run(service, **request).images[0])
+
+
+@pytest.fixture(scope="module")
+def control_weights(tiny_weights, tmp_path_factory) -> Path:
+    """The tiny weights with every control model baked: canny, depth and union ControlNets, an IP-Adapter."""
+    root = Path(shutil.copytree(tiny_weights, tmp_path_factory.mktemp("control") / "weights"))
+    add_control(root)
+    return root
+
+
+def test_controlnets_run_compiled_and_an_image_prompt_uncompiled_on_an_unfused_unet(
+    compiled_service, settings, control_weights, sources, monkeypatch
+):
+    plain = SDXLService(dataclasses.replace(settings, weights_dir=control_weights))
+    compiled = SDXLService(compiled_settings(compiled_service, control_weights))
+    # The IP-Adapter's processors carry its image projections: that UNet keeps them, unfused.
+    unet = compiled.checkpoints.default.model.components["unet"]
+    assert not compiled.weights.compiled.of(unet).fusable
+    assert not any(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values())
+    canny = [ControlInput("canny", sources["image"], False, 1.0, 0.0, 1.0)]
+    union = [ControlInput("depth", sources["image"], False, 1.0, 0.0, 1.0)]
+    monkeypatch.setattr(compilation, "SERVING_STANCE", "fail_on_recompile")
+    for request in ({}, {"controls": canny}, {"controls": union}):
+        assert_close(run(compiled, seed=4, **request).images[0], run(plain, seed=4, **request).images[0])
+    # An image prompt changes the IP-Adapter's scale the graphs were traced with: it runs uncompiled.
+    monkeypatch.setattr(compilation, "SERVING_STANCE", "eager_on_recompile")
+    prompt = {"ip_adapter_image": sources["image"], "ip_adapter_scale": 0.6}
+    assert_close(run(compiled, seed=4, **prompt).images[0], run(plain, seed=4, **prompt).images[0])
 
 
 def test_setup_refuses_compilation_without_a_compiler_naming_it(compiled_service, tiny_weights, monkeypatch):

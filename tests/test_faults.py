@@ -4,6 +4,7 @@ missing, truncated or tampered weights at setup."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -55,6 +56,16 @@ def test_requests_too_big_for_the_gpu_are_refused_before_any_work(service, monke
 def test_missing_weights_name_the_file_and_the_fix(settings, weights_copy):
     (weights_copy / UNET_FILE).unlink()
     with pytest.raises(WeightsError, match=rf"Missing weights file .*{UNET_FILE}.*script/download-weights"):
+        SDXLService(dataclasses.replace(settings, weights_dir=weights_copy))
+
+
+def test_a_manifest_listing_what_this_server_cannot_serve_fails_setup_naming_it(settings, weights_copy):
+    manifest = read_manifest(weights_copy)
+    manifest["models"] = [{"name": "x", "dir": "base", "source": "s", "profile": {"preset": "fast"}}]
+    (weights_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        WeightsError, match=r"manifest.json lists what this server cannot serve: Unknown profile preset"
+    ):
         SDXLService(dataclasses.replace(settings, weights_dir=weights_copy))
 
 

@@ -4,7 +4,9 @@ predictor. Keys, ids, limits, file inputs, webhooks, and waiting for the slot in
 import base64
 import io
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -169,7 +171,7 @@ def test_an_over_size_body_is_413(gateway):
         f"{gateway.url}/predictions", data=body, headers={**BEARER, "Content-Type": "application/json"}, timeout=60
     )
     assert response.status_code == 413
-    assert "larger than 48mB" in error_of(response)
+    assert "a prediction may send 48mB" in error_of(response)
 
 
 def test_over_the_rate_is_429_with_retry_after(cog):
@@ -336,14 +338,16 @@ def test_an_async_prediction_can_be_followed_step_by_step_through_the_gateway(sl
             time.sleep(0.1)
         print(f"\nstates polled: {sorted({(status, tuple(lines)) for status, lines in seen})}")
         assert state["status"] == "succeeded", state
-        assert state["output"].startswith("data:image/png;base64,")
+        # The output is a file the gateway keeps, read with the same key.
+        output = requests.get(f"{gateway.url}{state['output']}", headers=BEARER, timeout=10)
+        assert output.status_code == 200 and output.content.startswith(b"\x89PNG")
         steps_while_running = {tuple(lines) for status, lines in seen if status == "processing" and lines}
         assert len(steps_while_running) >= 2, seen  # progress arrived while it ran, not only at the end
         assert ("base: step 4/4",) in {tuple(lines) for _, lines in seen}
 
         # Only the key that started it reads it back; others learn nothing, not even that it exists.
         other = requests.get(url, headers={"Authorization": f"Bearer {KEYS[1]}"}, timeout=10)
-        assert other.status_code == 404 and "No async prediction" in error_of(other)
+        assert other.status_code == 404 and "No prediction" in error_of(other)
         assert requests.get(url, timeout=10).status_code == 401
         bad = requests.get(f"{gateway.url}/predictions/..%2Fx", headers=BEARER, timeout=10)
         assert bad.status_code == 400
@@ -369,19 +373,39 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_script_serve_gateway_puts_nginx_on_port_and_coglet_on_loopback(tmp_path):
+def private_checkout() -> Path:
+    """What script/serve --gateway needs of the checkout, copied into a directory only root may enter (as a
+    checkout in /root is): nginx's workers, which run as nobody, cannot read anything in it."""
+    home = Path(tempfile.mkdtemp(prefix="private-home-"))
+    home.chmod(0o700)
+    checkout = home / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "node_modules")
+    for name in ("script", "gateway", "sdxl_cog"):
+        shutil.copytree(REPO_ROOT / name, checkout / name, ignore=ignore)
+    swagger = checkout / "gateway/node_modules/swagger-ui-dist"
+    swagger.mkdir(parents=True)
+    for name in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        shutil.copy(REPO_ROOT / "gateway/node_modules/swagger-ui-dist" / name, swagger)
+    (checkout / ".venv").symlink_to(REPO_ROOT / ".venv")
+    return checkout
+
+
+def test_script_serve_gateway_listens_on_host_with_coglet_on_loopback_and_pages_from_a_private_checkout():
+    checkout = private_checkout()
     port, coglet_port = free_port(), free_port()
     env = {
         **os.environ,
+        "HOST": "127.0.0.1",
         "PORT": str(port),
         "COGLET_PORT": str(coglet_port),
         "PREDICTOR": DUMMY_PREDICTOR_REF,
         "SDXL_API_KEYS": KEYS[0],
-        "SDXL_GATEWAY_RUN_DIR": str(tmp_path / "run"),
+        "SDXL_GATEWAY_RUN_DIR": str(nobody_readable_dir("serve-run-") / "run"),
     }
-    log = open(tmp_path / "serve.log", "wb")
+    log_path = checkout.parent / "serve.log"
+    log = open(log_path, "wb")
     process = subprocess.Popen(
-        [str(REPO_ROOT / "script/serve"), "--gateway"],
+        [str(checkout / "script/serve"), "--gateway"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -391,14 +415,16 @@ def test_script_serve_gateway_puts_nginx_on_port_and_coglet_on_loopback(tmp_path
         deadline = time.monotonic() + 90
         status = None
         while time.monotonic() < deadline and status != "READY":
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            assert process.poll() is None, log_path.read_text()
             try:
                 status = requests.get(f"http://127.0.0.1:{port}/health-check", timeout=2).json().get("status")
             except requests.RequestException:
                 time.sleep(0.3)
-        assert status == "READY", (tmp_path / "serve.log").read_text()
+        assert status == "READY", log_path.read_text()
         assert listening_addresses(coglet_port) == {"127.0.0.1"}
-        assert listening_addresses(port) == {"0.0.0.0"}
+        assert listening_addresses(port) == {"127.0.0.1"}, "HOST applies to the gateway"
+        for page in ("/", "/docs/", "/static/playground.js", "/docs/swagger-ui/swagger-ui-bundle.js"):
+            assert requests.get(f"http://127.0.0.1:{port}{page}", timeout=10).status_code == 200, page
         assert (
             requests.post(f"http://127.0.0.1:{port}/predictions", json={"input": DUMMY_INPUT}, timeout=30).status_code
             == 401
@@ -411,5 +437,6 @@ def test_script_serve_gateway_puts_nginx_on_port_and_coglet_on_loopback(tmp_path
         os.killpg(process.pid, 15)
         process.wait(30)
         log.close()
+        shutil.rmtree(checkout.parent, ignore_errors=True)
     assert process.returncode is not None
     assert not listening_addresses(coglet_port) and not listening_addresses(port)

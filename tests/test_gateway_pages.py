@@ -1,7 +1,9 @@
 """The gateway's pages in a real browser (Debian's Chromium, headless, driven by Selenium through
 /usr/bin/chromedriver), served by real nginx in front of coglet running predict.py on tiny weights:
-/docs/ lists the inputs of this server's own schema; / generates an image of the requested size and
-shows its seed; a wrong key is reported. The playground screenshot is kept under build/test-artifacts/."""
+/docs/ lists the inputs of this server's own schema and runs a request; / generates an image of the
+requested size and shows its seed, and four 2048x2048 images (tests/fixtures/large_output_predictor.py);
+a wrong key is reported. Every test fails on any Content-Security-Policy violation in the browser's
+console: the pages work under the gateway's strict policy. The screenshots are kept under build/test-artifacts/."""
 
 from pathlib import Path
 
@@ -54,10 +56,29 @@ def slow_gateway(tmp_path_factory):
             yield running
 
 
+@pytest.fixture(scope="module")
+def large_gateway(tmp_path_factory):
+    predictor = f"{REPO_ROOT / 'tests/fixtures/large_output_predictor.py'}:Predictor"
+    with CogServer(predictor, cwd=tmp_path_factory.mktemp("large")) as cog:
+        with Gateway(cog.port, env={"SDXL_API_KEYS": KEY}) as running:
+            yield running
+
+
+def csp_violations(driver) -> list[str]:
+    """What the browser's console says the page's Content-Security-Policy blocked (the log empties as it is read)."""
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if "Content Security Policy" in entry["message"] or "Refused to" in entry["message"]
+    ]
+
+
 @pytest.fixture
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    # The console, CSP reports among it, for csp_violations().
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     for flag in (
         "--headless",
         "--no-sandbox",
@@ -70,6 +91,7 @@ def browser():
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     try:
         yield driver
+        assert not csp_violations(driver), "the page broke its Content-Security-Policy"
     finally:
         driver.quit()
 
@@ -116,6 +138,21 @@ def test_docs_list_the_inputs_of_this_servers_schema(gateway, browser):
     browser.save_screenshot(str(ARTIFACTS / "docs.png"))
     print(f"\ndocs screenshot: {ARTIFACTS / 'docs.png'}")
 
+    # A request from the reference itself, with the key: GET /health-check, whole for a key.
+    (block,) = [
+        b
+        for b in browser.find_elements(By.CSS_SELECTOR, ".opblock.opblock-get")
+        if b.find_element(By.CSS_SELECTOR, ".opblock-summary-path").text == "/health-check"
+    ]
+    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait(browser).until(lambda d: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
+    block.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
+    block.find_element(By.CSS_SELECTOR, ".execute").click()
+    live = ".live-responses-table tbody"
+    wait(browser).until(lambda d: block.find_elements(By.CSS_SELECTOR, f"{live} .response-col_status"))
+    assert block.find_element(By.CSS_SELECTOR, f"{live} .response-col_status").text.startswith("200")
+    assert '"setup"' in block.find_element(By.CSS_SELECTOR, f"{live} .response-col_description").text
+
 
 def test_playground_generates_an_image_of_the_requested_size_and_shows_its_seed(gateway, browser):
     browser.get(gateway.url + "/")
@@ -143,6 +180,23 @@ def test_playground_generates_an_image_of_the_requested_size_and_shows_its_seed(
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(screenshot))
     print(f"\nplayground screenshot: {screenshot}")
+
+
+def test_playground_shows_four_2048_images_from_the_gateways_store(large_gateway, browser):
+    browser.get(large_gateway.url + "/")
+    use_key(browser, KEY)
+    wait(browser).until(ec.element_to_be_clickable((By.ID, "generate")))
+    browser.find_element(By.CSS_SELECTOR, "#more summary").click()  # inputs outside MAIN_INPUTS
+    set_field(browser, "size", 2048)
+    set_field(browser, "count", 4)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, PREDICT_TIMEOUT_S).until(ec.text_to_be_present_in_element((By.ID, "message"), "Done in"))
+    images = browser.find_elements(By.CSS_SELECTOR, "#images img")
+    loaded = "return arguments[0].complete && [arguments[0].naturalWidth, arguments[0].naturalHeight]"
+    sizes = [wait(browser).until(lambda d, image=image: d.execute_script(loaded, image)) for image in images]
+    assert sizes == [[2048, 2048]] * 4
+    # Fetched with the key and shown from blob: URLs (the outputs are the key's alone).
+    assert all(image.get_attribute("src").startswith("blob:") for image in images)
 
 
 def test_playground_says_when_the_key_is_wrong(gateway, browser):

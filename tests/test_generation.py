@@ -74,7 +74,7 @@ def test_every_input_changes_the_image(service):
 
 _KARRAS_2M = {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}
 # Each choice, the diffusers class it must build and the options it must set (written out here, not read
-# from sdxl_cog.schedulers, so a wrong entry there fails).
+# from sdxl_cog.generation.schedulers, so a wrong entry there fails).
 EXPECTED_SCHEDULERS = {
     "DDIM": (DDIMScheduler, {}),
     "DPMSolverMultistep": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
@@ -96,8 +96,8 @@ def test_the_table_covers_every_choice():
 def test_each_scheduler_builds_the_class_and_options_it_names(service, monkeypatch, name):
     built, stage_pipeline = [], generate_module.stage_pipeline
 
-    def spy(model, mode, scheduler_name):
-        pipe = stage_pipeline(model, mode, scheduler_name)
+    def spy(model, mode, scheduler_name, controlnet=None):
+        pipe = stage_pipeline(model, mode, scheduler_name, controlnet)
         built.append(pipe.scheduler)
         return pipe
 

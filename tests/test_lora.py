@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +50,7 @@ def lora_files(tiny_weights, settings) -> dict[str, Path]:
 class _Files(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     hits: list[str] = []
+    hosts: list[str] = []  # the Host header of each request
     # /trickle/NAME sends NAME a byte at a time; /lie/NAME declares a Content-Length other than the
     # body's while `lie` is set (True: shorter, so the client stops early; "long": longer, then hangs up).
     lie: bool | str = False
@@ -54,6 +58,7 @@ class _Files(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         type(self).hits.append(self.path)
+        type(self).hosts.append(self.headers["Host"])
         kind, _, name = self.path.split("?")[0].lstrip("/").partition("/")
         if kind == "trickle":
             body = self.files[name]
@@ -217,3 +222,111 @@ def test_a_download_that_is_not_whole_is_never_cached(service, file_server, loop
     assert np.array_equal(generate(service), base)
     # The URL is not poisoned: once it serves the whole file, the LoRA loads and applies.
     assert np.abs(generate(service, url, 1.0) - base).max() > 0
+
+
+# -- DNS rebinding: the download connects to the address that was checked ------------------------------
+
+PUBLIC_ADDRESS = "93.184.215.14"  # a global address: passes the host policy; nothing is ever sent to it
+
+
+def fake_resolver(monkeypatch, host: str, answers):
+    """Make `host` resolve to the next of `answers` at each lookup (the last one repeats); other names as usual."""
+    real = socket.getaddrinfo
+    seen: list[str] = []
+
+    def getaddrinfo(name, port, *args, **kwargs):
+        if name != host:
+            return real(name, port, *args, **kwargs)
+        address = answers[min(len(seen), len(answers) - 1)]
+        seen.append(address)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return seen
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Connections to anything but loopback are refused here and recorded: nothing leaves the machine."""
+    real, attempts = socket.socket.connect, []
+
+    def connect(sock, address):
+        attempts.append(address[0])
+        if not address[0].startswith("127."):
+            raise ConnectionRefusedError(f"test: no connection to {address[0]} (loopback only)")
+        return real(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return attempts
+
+
+@pytest.mark.parametrize("public_answers", [1, 2], ids=["public-once", "public-twice"])
+def test_a_rebinding_name_is_never_fetched_from_the_address_it_turns_into(
+    service, file_server, loopback_only, monkeypatch, public_answers
+):
+    """The name answers a public address first (however many lookups the check makes), then loopback, where
+    the file server is. The download must connect to the public address it checked, never to loopback."""
+    port = int(file_server.rsplit(":", 1)[1])
+    lookups = fake_resolver(monkeypatch, "lora.rebind.test", [PUBLIC_ADDRESS] * public_answers + ["127.0.0.1"])
+    _Files.hits.clear()
+    with pytest.raises(InputError, match="could not be downloaded"):
+        generate(service, f"http://lora.rebind.test:{port}/peft?rebind", 1.0)
+    print(f"\n[rebinding] lookups answered {lookups}; connections attempted to {loopback_only}")
+    assert _Files.hits == [], "the download reached the address the name turned into after the check"
+    assert loopback_only == [PUBLIC_ADDRESS]
+
+
+def test_the_pinned_download_keeps_the_name_in_the_host_header(service, file_server, loopback_allowed, monkeypatch):
+    port = int(file_server.rsplit(":", 1)[1])
+    # After the one lookup the name moves to an address where nothing listens (all of 127/8 is loopback).
+    fake_resolver(monkeypatch, "lora.pinned.test", ["127.0.0.1", "127.0.0.2"])
+    _Files.hits.clear()
+    _Files.hosts.clear()
+    generate(service, f"http://lora.pinned.test:{port}/peft?pinned", 1.0)
+    assert _Files.hits == ["/peft?pinned"] and _Files.hosts == [f"lora.pinned.test:{port}"]
+
+
+@pytest.fixture(scope="module")
+def tls_file_server(lora_files, tmp_path_factory):
+    """The file server over TLS with a certificate for lora.tls.test only, from a CA made here."""
+    directory = tmp_path_factory.mktemp("tls")
+    ca, cert, key = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test CA",
+        "-keyout", str(directory / "ca.key"), "-out", str(ca),
+    )  # fmt: skip
+    openssl(
+        "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=lora.tls.test",
+        "-keyout", str(key), "-out", str(directory / "cert.csr"),
+    )  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=DNS:lora.tls.test\n")
+    openssl(
+        "x509", "-req", "-in", str(directory / "cert.csr"), "-CA", str(ca), "-CAkey", str(directory / "ca.key"),
+        "-CAcreateserial", "-days", "1", "-extfile", str(directory / "san.ext"), "-out", str(cert),
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], ca
+    server.shutdown()
+
+
+def test_the_pinned_https_download_checks_the_certificate_against_the_name(
+    service, tls_file_server, file_server, loopback_allowed, monkeypatch
+):
+    port, ca = tls_file_server
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca))
+    fake_resolver(monkeypatch, "lora.tls.test", ["127.0.0.1"])
+    _Files.hits.clear()
+    generate(service, f"https://lora.tls.test:{port}/peft?tls", 1.0)
+    assert _Files.hits == ["/peft?tls"]
+    # A name the certificate does not carry is refused, though it resolves to the same server.
+    fake_resolver(monkeypatch, "lora.other.test", ["127.0.0.1"])
+    with pytest.raises(InputError, match="could not be downloaded"):
+        generate(service, f"https://lora.other.test:{port}/peft?other", 1.0)

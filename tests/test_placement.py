@@ -4,21 +4,18 @@ runs every module only while its stage holds it on the device, with the same ima
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from devtools.synthetic_control import add_control
 from sdxl_cog.config import Settings
 from sdxl_cog.device import placement as placement_module
 from sdxl_cog.device.memory import GIB, MemoryBudget, needs_low_vram
-from sdxl_cog.device.placement import (
-    STAGES,
-    ResidentPlacement,
-    StagedPlacement,
-    make_placement,
-    module_bytes,
-    stage_peak_bytes,
-)
+from sdxl_cog.device.placement import ResidentPlacement, StagedPlacement, make_placement, module_bytes, stage_peak_bytes
+from sdxl_cog.inputs.control import ControlInput
 from sdxl_cog.service import SDXLService
 from tests.conftest import (
     DEFAULT_OPTIONS,
@@ -42,8 +39,8 @@ SDXL_FP16 = {
 }
 ALL_WEIGHTS = sum(SDXL_FP16.values())
 REFERENCE = dict(width=1024, height=1024, num_outputs=4, refine="expert_ensemble_refiner")
-# A request with the refiner and the safety checker passes through every stage but the plain decode.
-STAGES_WITH_SAFETY_CHECK = [stage for stage in STAGES if stage != "vae_decode"]
+# A request with the refiner and the safety checker, and no control: the stages it passes through, in order.
+STAGES_WITH_SAFETY_CHECK = ["text_encoding", "base", "refiner", "vae_decode_and_safety_check"]
 
 
 # --- The decision rule ---------------------------------------------------------------------------
@@ -174,6 +171,7 @@ class DeviceTracker:
 
     def __init__(self, placement: FakeGpuPlacement):
         self.placement, self.stages, self.misplaced, self.resident_bytes = placement, [], set(), []
+        self.placed_by_stage: list[tuple[str, set[str]]] = []
         self.handles = [
             layer.register_forward_pre_hook(lambda layer, _, name=name: self._ran(name, layer))
             for name, module in placement.modules.items()
@@ -186,10 +184,11 @@ class DeviceTracker:
         if not self.placement.holds(layer, recurse=False):
             self.misplaced.add((name, self.stages[-1] if self.stages else None))
 
-    def _record(self, stage: str) -> None:
-        self._use(stage)
+    def _record(self, stage: str, extra: tuple[str, ...] = ()) -> None:
+        self._use(stage, extra)
         self.stages.append(stage)
         placed = _placed(self.placement, self.placement.modules)
+        self.placed_by_stage.append((stage, placed))
         assert placed == self.placement.on_device and not {"base_unet", "refiner_unet"} <= placed
         self.resident_bytes.append(sum(module_bytes(self.placement.modules[n]) for n in placed))
 
@@ -210,7 +209,7 @@ def test_every_module_of_both_pipelines_is_placed(staged_service):
     placed = {id(m) for m in staged_service.weights.placement.modules.values()}
     for model in (staged_service.checkpoints.default.model, staged_service.weights.refiner):
         modules = [m for m in model.components.values() if isinstance(m, torch.nn.Module)]
-        assert {id(m) for m in modules} <= placed, model.name
+        assert {id(m) for m in modules} <= placed, model.stage
 
 
 def test_low_vram_mode_runs_each_module_only_in_its_stage_with_the_same_images(service, staged_service, tracker):
@@ -236,3 +235,44 @@ def test_without_the_safety_checker_its_stage_is_skipped(staged_service, tracker
     options = dataclasses.replace(DEFAULT_OPTIONS, safety_check=False)
     staged_service.predict(make_request(seed=3), options, None, 0.6)
     assert tracker.stages == ["text_encoding", "base", "vae_decode"] and not tracker.misplaced
+
+
+@pytest.fixture(scope="module")
+def staged_control(settings, tiny_weights, tmp_path_factory) -> tuple[SDXLService, SDXLService]:
+    """The same weights with every control model baked, served resident and in low-VRAM mode."""
+    root = Path(shutil.copytree(tiny_weights, tmp_path_factory.mktemp("control") / "weights"))
+    add_control(root)
+    resident = SDXLService(dataclasses.replace(settings, weights_dir=root))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(placement_module, "StagedPlacement", FakeGpuPlacement)
+        return resident, SDXLService(dataclasses.replace(settings, weights_dir=root, low_vram=True))
+
+
+def test_low_vram_mode_brings_each_control_model_for_its_stage_alone(staged_control, tmp_path):
+    resident, staged = staged_control
+    photo = source_image(tmp_path, (TEST_SIDE, TEST_SIDE))
+    controls = [ControlInput("canny", photo, True, 1.0, 0.0, 1.0), ControlInput("depth", photo, True, 0.5, 0.0, 1.0)]
+    request = dict(seed=9, controls=controls, ip_adapter_image=photo, ip_adapter_scale=0.5)
+    tracker = DeviceTracker(staged.weights.placement)
+    try:
+        staged_image = run(staged, **request).images[0]
+    finally:
+        tracker.close()
+    assert tracker.stages == [
+        "text_encoding",
+        "control_preprocess",
+        "image_prompt",
+        "base",
+        "vae_decode_and_safety_check",
+    ]
+    assert not tracker.misplaced
+    placed = dict(tracker.placed_by_stage)
+    assert placed["control_preprocess"] == {"depth_estimator"}
+    assert placed["image_prompt"] == {"image_encoder"}
+    # Canny and depth have single-type ControlNets: the union stays in host memory.
+    assert placed["base"] == {"base_unet", "vae", "controlnet:canny", "controlnet:depth"}
+    assert staged.weights.placement.peak_bytes == sum(
+        module_bytes(staged.weights.placement.modules[n])
+        for n in ("base_unet", "vae", "controlnet:canny", "controlnet:depth", "controlnet:union")
+    )
+    assert max_diff(staged_image, run(resident, **request).images[0]) == 0

@@ -20,8 +20,8 @@ from PIL import Image, ImageOps
 
 from devtools.synthetic import SAFETY_CHECKER_DIR
 from sdxl_cog.config import WATERMARK_MIN_SIDE
+from sdxl_cog.finishing import finisher as finishing
 from sdxl_cog.finishing.finisher import Finisher
-from sdxl_cog.finishing.finisher import finisher as finishing
 from sdxl_cog.finishing.safety import SafetyChecker, _resize_like_pil_in_float, resize_like_pil
 from sdxl_cog.finishing.watermark import _rgb_from_formula, _yuv_from_formula, watermark_images
 from sdxl_cog.generation.generate import Run, to_uint8

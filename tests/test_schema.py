@@ -23,10 +23,12 @@ from PIL import Image
 from devtools.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, CogServerError
 from sdxl_cog import config
 from sdxl_cog.generation.schedulers import SCHEDULERS
+from sdxl_cog.inputs.control import NO_CONTROL
 from sdxl_cog.inputs.request import REFINE_MODES
 from sdxl_cog.outputs.formats import OUTPUT_FORMATS
 from sdxl_cog.schema import openapi
 from sdxl_cog.schema.static_reader import StaticSchemaError
+from sdxl_cog.weights.control_types import CONTROL_TYPES
 from sdxl_cog.weights.profiles import SDXL_SIDE
 
 PREDICTORS = {"predict.py": f"{REPO_ROOT / 'predict.py'}:Predictor", "dummy": DUMMY_PREDICTOR_REF}
@@ -139,6 +141,9 @@ def test_engine_constants_match_predict_py():
     assert schema["scheduler"]["enum"] == list(SCHEDULERS)
     assert schema["refine"]["enum"] == REFINE_MODES
     assert schema["output_format"]["enum"] == OUTPUT_FORMATS
+    for slot in (1, 2, 3):
+        assert schema[f"controlnet_{slot}"]["enum"] == [NO_CONTROL, *CONTROL_TYPES]
+        assert props[f"controlnet_{slot}"]["default"] == NO_CONTROL
 
 
 def test_required_optional_and_defaults():

@@ -26,25 +26,35 @@ from sdxl_cog.checkpoints.checkpoint import Checkpoint, StageModel
 from sdxl_cog.checkpoints.lora import LoraAdapters
 from sdxl_cog.checkpoints.registry import Checkpoints
 from sdxl_cog.config import Settings
+from sdxl_cog.control.models import ControlModels, attach_ip_adapter, load_control_models
 from sdxl_cog.device import compilation
 from sdxl_cog.device.compilation import Compiled
 from sdxl_cog.device.memory import gpu_capacity
 from sdxl_cog.device.placement import Placement, make_placement, module_bytes
 from sdxl_cog.finishing.safety import SafetyChecker
 from sdxl_cog.weights import layout
-from sdxl_cog.weights.catalog import SHAREABLE, CheckpointEntry, checkpoint_entries, component_key
+from sdxl_cog.weights.catalog import (
+    SHAREABLE,
+    CheckpointEntry,
+    ControlEntries,
+    checkpoint_entries,
+    component_key,
+    control_entries,
+)
 
 
 @dataclass
 class Pipelines:
     """Every module setup() serves, in memory but not yet compiled or placed: each checkpoint's pipeline (the default
-    first, all on the shared VAE), the refiner (on the default's text_encoder_2, tokenizer_2 and the VAE) and the
-    safety checker. read_pipelines() makes them from a weights directory; bench/gpu_check.py synthesizes them."""
+    first, all on the shared VAE), the refiner (on the default's text_encoder_2, tokenizer_2 and the VAE), the
+    safety checker and the control models. read_pipelines() makes them from a weights directory; bench/gpu_check.py
+    synthesizes them."""
 
     entries: list[CheckpointEntry]
     checkpoints: list[StableDiffusionXLPipeline]
     refiner: StableDiffusionXLImg2ImgPipeline
     safety_checker: SafetyChecker
+    control: ControlModels = field(default_factory=ControlModels)  # none unless baked
     manifest: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # what reading them took, by phase
 
@@ -53,6 +63,7 @@ class Pipelines:
 class LoadedWeights:
     checkpoints: Checkpoints  # every checkpoint by name, the default first
     refiner: StageModel  # shared by every checkpoint
+    control: ControlModels  # ControlNets, IP-Adapter and depth estimator, when baked; shared too
     safety_checker: SafetyChecker
     placement: Placement  # which modules are on the device at each stage
     manifest: dict
@@ -73,8 +84,9 @@ def read_pipelines(settings: Settings) -> Pipelines:
     transformers_logging.disable_progress_bar()
     started = time.perf_counter()
 
-    # 1. Fail fast, naming the file, if the weights are incomplete or corrupt.
+    # 1. Fail fast, naming the file, if the weights are incomplete or corrupt, or the manifest says what we cannot serve.
     manifest = layout.verify(root, full_hash=settings.verify_weights_hash)
+    entries, controls = read_entries(root, manifest)
     seconds["verify"] = time.perf_counter() - started
     if settings.prefetch_weights:
         prefetch.start(root)
@@ -86,7 +98,6 @@ def read_pipelines(settings: Settings) -> Pipelines:
     # then the further checkpoints (models/NAME), each component that equals one already loaded shared; and the
     # safety checker, which arrives on the device (in low-VRAM mode placement sends it back at once: 0.6 GB).
     load = dict(dtype=dtype, variant="fp16", use_safetensors=True, add_watermarker=False)
-    entries = checkpoint_entries(manifest)
     base = StableDiffusionXLPipeline.from_pretrained(root / layout.BASE_DIR, vae=vae, **load)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         root / layout.REFINER_DIR,
@@ -97,15 +108,20 @@ def read_pipelines(settings: Settings) -> Pipelines:
     )
     pipelines = load_checkpoints(root, manifest, entries, base, vae=vae, **load)
     safety_checker = SafetyChecker.from_directory(root / layout.SAFETY_CHECKER_DIR, settings.device, dtype)
+    # The control models, when baked: the IP-Adapter's projections go into each checkpoint's UNet (once per UNet).
+    control = load_control_models(root, controls, dtype)
+    if control.ip_adapter is not None:
+        for pipe in {id(p.unet): p for p in pipelines}.values():
+            attach_ip_adapter(pipe, control.ip_adapter)
     seconds["load"] = time.perf_counter() - started - seconds["verify"]
-    return Pipelines(entries, pipelines, refiner, safety_checker, manifest, seconds)
+    return Pipelines(entries, pipelines, refiner, safety_checker, control, manifest, seconds)
 
 
 def assemble(settings: Settings, pipelines: Pipelines) -> LoadedWeights:
     """Steps 4-5 on modules already in memory: compiled (SDXL_COMPILE), then placed on the device and indexed by
     checkpoint."""
     started, seconds = time.perf_counter(), dict(pipelines.seconds)
-    base, refiner = pipelines.checkpoints[0], pipelines.refiner
+    base, refiner, control = pipelines.checkpoints[0], pipelines.refiner, pipelines.control
     vae, safety_checker = base.vae, pipelines.safety_checker
 
     # 4. SDXL_COMPILE: fused projections, channels_last and the blocks marked for compilation (device/compilation.py),
@@ -125,6 +141,7 @@ def assemble(settings: Settings, pipelines: Pipelines) -> LoadedWeights:
         "refiner_unet": refiner.unet,
         "vae": vae,
         "safety_checker": safety_checker.model,
+        **control.placed_modules(),
     }
     placement = make_placement(settings.device, modules, settings.low_vram, gpu_capacity(settings.device))
     listed = [
@@ -136,12 +153,26 @@ def assemble(settings: Settings, pipelines: Pipelines) -> LoadedWeights:
         )
         for entry, pipe in zip(pipelines.entries, pipelines.checkpoints)
     ]
-    shared = [refiner.unet, base.text_encoder_2, vae, safety_checker.model]
+    shared = [refiner.unet, base.text_encoder_2, vae, safety_checker.model, *control.placed_modules().values()]
     cache = None if placement.low_vram else _cache(settings, listed, shared)
     checkpoints = Checkpoints(listed, placement, cache, refiner_text_encoder_2=base.text_encoder_2)
     seconds["to_device"] = time.perf_counter() - started - seconds.get("compile", 0.0)
     refiner_model = StageModel.of("refiner", refiner)
-    return LoadedWeights(checkpoints, refiner_model, safety_checker, placement, pipelines.manifest, seconds, compiled)
+    return LoadedWeights(
+        checkpoints, refiner_model, control, safety_checker, placement, pipelines.manifest, seconds, compiled
+    )
+
+
+def read_entries(root: Path, manifest: dict) -> tuple[list[CheckpointEntry], ControlEntries]:
+    """The checkpoints and control models the manifest lists; a WeightsError naming the manifest if it lists what
+    this code cannot serve (an unknown profile preset, control type or kind: a hand-edited or newer manifest)."""
+    try:
+        return checkpoint_entries(manifest), control_entries(manifest)
+    except (ValueError, KeyError) as e:
+        raise layout.WeightsError(
+            f"{root / layout.MANIFEST_NAME} lists what this server cannot serve: {e}. Re-bake the weights with this "
+            "version's script/download-weights."
+        ) from e
 
 
 def load_checkpoints(

@@ -4,7 +4,9 @@ requests without LoRA (a disabled adapter leaves the layers computing exactly th
 SDXL_COMPILE unloaded (see LoraAdapters).
 
 URLs are fetched with SSRF guards: http(s) only, every hop of a redirect chain must resolve to public
-addresses (unless the operator allows private ones), bounded size, time and redirects. The time bound
+addresses (unless the operator allows private ones) and is fetched from the address that was checked (one
+lookup per hop, so a rebinding name cannot pass the check with one answer and connect to another), bounded
+size, time and redirects. The time bound
 (SDXL_LORA_TIMEOUT_S) is a deadline for the whole download, redirects included: a server trickling
 a byte at a time cannot hold a prediction. Only a complete download that opens as a safetensors file
 enters the cache; anything else is discarded, so one bad answer never poisons a URL.
@@ -25,6 +27,7 @@ import requests
 import urllib3
 from safetensors import SafetensorError, safe_open
 
+from sdxl_cog.checkpoints import pinned_http
 from sdxl_cog.config import MAX_REDIRECTS, STALL_TIMEOUT_S, Settings
 from sdxl_cog.errors import InputError
 
@@ -35,23 +38,24 @@ DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 ALLOWED_SCHEMES = {"http", "https"}
 
 
-def _check_host(url: str, allow_private: bool) -> None:
+def _checked_address(url: str, allow_private: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address to connect to for `url`, from one lookup whose every answer passed the host policy;
+    the download connects to it (pinned_http), so a name cannot answer the check and the connection
+    differently (DNS rebinding)."""
     parts = urlsplit(url)
     if parts.scheme not in ALLOWED_SCHEMES or not parts.hostname:
         raise InputError(f"lora_weights URL {url!r} is not allowed: use an http(s) URL or a local .safetensors path.")
-    if allow_private:
-        return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        found = pinned_http.addresses(parts.hostname, parts.port or pinned_http.DEFAULT_PORTS[parts.scheme])
     except socket.gaierror as e:
         raise InputError(f"lora_weights host {parts.hostname!r} could not be resolved ({e}).") from e
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
+    for address in found:
+        if not (allow_private or address.is_global):
             raise InputError(
                 f"lora_weights host {parts.hostname!r} resolves to the non-public address {address}; "
                 "private, loopback and link-local hosts are refused (operators: SDXL_LORA_ALLOW_PRIVATE_HOSTS=1)."
             )
+    return found[0]
 
 
 def _time_left(deadline: float, settings: Settings) -> float:
@@ -70,10 +74,10 @@ def _download(url: str, dest: Path, settings: Settings) -> None:
     redirects, each re-checked."""
     deadline = time.monotonic() + settings.lora_timeout_s
     for _ in range(MAX_REDIRECTS + 1):
-        _check_host(url, settings.lora_allow_private_hosts)
+        address = _checked_address(url, settings.lora_allow_private_hosts)
         timeout = min(_time_left(deadline, settings), STALL_TIMEOUT_S)
         try:
-            response = requests.get(url, stream=True, allow_redirects=False, timeout=timeout)
+            response = pinned_http.get(url, address, timeout)
         except requests.RequestException as e:
             raise InputError(f"lora_weights could not be downloaded from {url}: {e}") from e
         with response:
@@ -141,12 +145,13 @@ def fetch(source: str, settings: Settings) -> Path:
     """A local .safetensors file for `source` (URL, cached by URL; or a path under an allowed directory)."""
     if "://" not in source:
         return _local_path(source, settings)
-    # Checked even when cached: the policy decides what may be used, not only what may be fetched.
-    _check_host(source, settings.lora_allow_private_hosts)
     settings.lora_cache_dir.mkdir(parents=True, exist_ok=True)
     cached = settings.lora_cache_dir / (hashlib.sha256(source.encode()).hexdigest() + ".safetensors")
-    if not cached.is_file():
-        _download(source, cached, settings)
+    if cached.is_file():
+        # Checked even when cached: the policy decides what may be used, not only what may be fetched.
+        _checked_address(source, settings.lora_allow_private_hosts)
+    else:
+        _download(source, cached, settings)  # checks every hop itself
         _evict(settings.lora_cache_dir, cached, settings.lora_cache_bytes)
     os.utime(cached)  # mark as recently used
     return cached

@@ -6,7 +6,8 @@ prepare(), before the modules are placed (so the GPU budget counts what it adds,
    (AttnProcessor2_0); the fused one below is SDPA too. The UNets' projections are fused: query, key and value
    into one matmul in self-attention, key and value into one in cross-attention (diffusers' fuse_qkv_projections).
    diffusers keeps the separate projections beside the fused copies, and a LoRA needs them (PEFT adapts to_q,
-   to_k and to_v): +1.21 GiB for the base UNet and +0.63 GiB for the refiner's in fp16.
+   to_k and to_v): +1.21 GiB for the base UNet and +0.63 GiB for the refiner's in fp16. A UNet carrying an
+   IP-Adapter keeps its own processors, unfused (FusedAttention).
 2. channels_last for the UNets and the VAE: the NHWC layout the GPU's fastest convolutions and inductor's
    kernels use, set once rather than converted at every call.
 3. Every parameter frozen (requires_grad off; nothing here trains). PEFT freezes the layers it adapts when a
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.models.attention_processor import FusedAttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
 
 from sdxl_cog.config import WARMUP_RECOMPILE_LIMIT
 
@@ -53,17 +54,23 @@ TOOLCHAINS = {"cuda": ("CC", ("gcc", "clang")), "cpu": ("CXX", ("g++", "clang++"
 
 class FusedAttention:
     """One UNet's attention processors: fused for the compiled path, as loaded (separate projections) while a
-    LoRA is active. Switching back restores the very processor objects the graphs were traced with."""
+    LoRA is active. Switching back restores the very processor objects the graphs were traced with.
+
+    A UNet with other processors than plain SDPA ones (an IP-Adapter's, which carry its image projections: diffusers'
+    fused processor has no image path) stays unfused; its blocks are compiled all the same."""
 
     def __init__(self, unet: UNet2DConditionModel):
-        if any(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values()):
+        kinds = {type(p) for p in unet.attn_processors.values()}
+        if FusedAttnProcessor2_0 in kinds:
             # The processors as loaded would be lost: a LoRA would then run on fused projections and be ignored.
             raise RuntimeError("This UNet's projections are fused already: build the service from fresh modules.")
         self.unet = unet
         self.separate = unet.attn_processors
-        unet.fuse_qkv_projections()
+        self.fusable = kinds == {AttnProcessor2_0}
+        if self.fusable:
+            unet.fuse_qkv_projections()
         self.fused = unet.attn_processors
-        self.is_fused = True
+        self.is_fused = self.fusable
 
     # set_attn_processor empties the dict it is given (it pops each entry): it gets a copy.
     def split(self) -> None:
@@ -72,7 +79,7 @@ class FusedAttention:
             self.is_fused = False
 
     def fuse(self) -> None:
-        if not self.is_fused:
+        if self.fusable and not self.is_fused:
             self.unet.set_attn_processor(dict(self.fused))
             self.is_fused = True
 
@@ -102,9 +109,10 @@ def prepare(
     for unet in distinct:
         unet.compile_repeated_blocks(**COMPILE_OPTIONS)
     vae.decoder.compile(**COMPILE_OPTIONS)
+    fused = sum(attention.fusable for attention in compiled.attention.values())
     summary = (
-        f"SDXL_COMPILE: fused attention projections, channels_last, the transformer blocks of {len(distinct)} UNets "
-        f"and the VAE decoder compiled at the warm-up (cache {cache_dir})."
+        f"SDXL_COMPILE: attention projections fused in {fused} of {len(distinct)} UNets, channels_last, their "
+        f"transformer blocks and the VAE decoder compiled at the warm-up (cache {cache_dir})."
     )
     return compiled, summary
 

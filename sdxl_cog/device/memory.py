@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from sdxl_cog.config import (
+    CONTROLNET_ACTIVATION_BYTES_PER_MEGAPIXEL,
     CROSS_ATTENTION_BYTES_PER_CHUNK_PER_MEGAPIXEL,
     GIB,
     MEGAPIXEL,
@@ -54,6 +55,13 @@ def prompt_bytes(prompt_tokens: int, width: int, height: int, num_outputs: int) 
     return extra * per_chunk
 
 
+def control_bytes(req: GenerationRequest) -> int:
+    """What the ControlNets a request runs add: each one's activations for every image."""
+    controls = sum(1 for control in req.controls if control.active)
+    megapixels = req.width * req.height / MEGAPIXEL
+    return int(CONTROLNET_ACTIVATION_BYTES_PER_MEGAPIXEL * megapixels * req.num_outputs * controls)
+
+
 def needs_low_vram(capacity_bytes: int | None, weights_bytes: int) -> bool:
     """True when all the weights plus the reference request would not fit the GPU: below about 19.8 GiB
     for SDXL in fp16 (11.25 GiB of weights + 1.5 reserve + 7 of activations): 24 GB cards stay resident."""
@@ -73,6 +81,7 @@ class MemoryBudget:
             + RESERVE_BYTES
             + activation_bytes(req.width, req.height, req.num_outputs)
             + prompt_bytes(prompt_tokens, req.width, req.height, req.num_outputs)
+            + control_bytes(req)
         )
 
     def check(self, req: GenerationRequest, prompt_tokens: int = 0) -> None:
@@ -106,6 +115,8 @@ def _what(req: GenerationRequest, prompt_tokens: int) -> str:
         what += " with the refiner"
     if prompt_chunks(prompt_tokens) > 1:
         what += f" from a {prompt_tokens}-token prompt ({prompt_chunks(prompt_tokens)} chunks of {PROMPT_CHUNK_TOKENS})"
+    if controls := sum(1 for control in req.controls if control.active):
+        what += f" with {controls} ControlNet control(s)"
     return what
 
 
@@ -113,6 +124,8 @@ def _advice(req: GenerationRequest, prompt_tokens: int) -> str:
     levers = ["lower num_outputs or width/height"]
     if req.refine.runs_refiner:
         levers.append(f"use refine={Refine.NONE}")
+    if any(control.active for control in req.controls):
+        levers.append("use fewer ControlNet controls")
     if prompt_chunks(prompt_tokens) > 1:
         levers.append(
             f"shorten the prompt (every {PROMPT_CHUNK_TOKENS} tokens past the first {PROMPT_CHUNK_TOKENS} cost memory)"

@@ -21,6 +21,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from sdxl_cog.device.memory import GIB, needs_low_vram
 
+# The slots of the control models (control/models.py): each ControlNet's own, which the base stage brings when a
+# request uses it, and the two that run in stages of their own.
+CONTROLNET_SLOT_PREFIX = "controlnet:"
+IMAGE_ENCODER_SLOT = "image_encoder"
+DEPTH_ESTIMATOR_SLOT = "depth_estimator"
+
 # The modules each stage of generate() runs. The VAE joins both denoising stages because the img2img
 # and inpaint pipelines encode their source image with it; at 0.17 GB it then simply stays.
 STAGES: dict[str, tuple[str, ...]] = {
@@ -31,6 +37,9 @@ STAGES: dict[str, tuple[str, ...]] = {
     "vae_decode": ("vae",),
     # Each image is checked as soon as it is decoded, so both stay for the whole decode loop (0.8 GB in fp16).
     "vae_decode_and_safety_check": ("vae", "safety_checker"),
+    # Depth maps for depth controls, and the IP-Adapter's image embeddings, before the base stage.
+    "control_preprocess": (DEPTH_ESTIMATOR_SLOT,),
+    "image_prompt": (IMAGE_ENCODER_SLOT,),
 }
 
 
@@ -43,8 +52,13 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 def stage_peak_bytes(sizes: dict[str, int]) -> int:
-    """The most weight bytes any one stage needs on the device, from each module's size."""
-    return max(sum(sizes.get(name, 0) for name in names) for names in STAGES.values())
+    """The most weight bytes any one stage needs on the device, from each module's size; the base stage with every
+    ControlNet (a request may use them all)."""
+    controlnets = [name for name in sizes if name.startswith(CONTROLNET_SLOT_PREFIX)]
+    return max(
+        sum(sizes.get(name, 0) for name in (*names, *(controlnets if stage == "base" else ())))
+        for stage, names in STAGES.items()
+    )
 
 
 class ResidentPlacement:
@@ -59,7 +73,7 @@ class ResidentPlacement:
             module.to(device)
         self.peak_bytes = sum(module_bytes(m) for m in modules.values())
 
-    def use(self, stage: str) -> None:
+    def use(self, stage: str, extra: tuple[str, ...] = ()) -> None:
         pass
 
     def swap(self, name: str, module: torch.nn.Module | None) -> None:
@@ -93,9 +107,9 @@ class StagedPlacement:
             self._evict(module)
         self.peak_bytes = stage_peak_bytes({name: module_bytes(m) for name, m in modules.items()})
 
-    def use(self, stage: str) -> None:
-        """Make the device hold exactly what `stage` runs."""
-        wanted = {name for name in STAGES[stage] if name in self.modules}
+    def use(self, stage: str, extra: tuple[str, ...] = ()) -> None:
+        """Make the device hold exactly what `stage` runs, and the `extra` slots it runs for this request."""
+        wanted = {name for name in (*STAGES[stage], *extra) if name in self.modules}
         # Evict first, so the memory they free is there for the modules that come in.
         for name in self.on_device - wanted:
             self._evict(self.modules[name])

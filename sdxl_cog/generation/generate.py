@@ -8,15 +8,17 @@ caller's sink while the next one decodes."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from sdxl_cog.checkpoints.checkpoint import StageModel
 from sdxl_cog.checkpoints.loading import LoadedWeights
+from sdxl_cog.control.plan import image_prompt_embeds, make_maps, plan_controls
 from sdxl_cog.device.placement import Placement
 from sdxl_cog.device.timing import PhaseTimer
 from sdxl_cog.finishing.finisher import Finisher, ImageSink, RowSink
@@ -52,6 +54,11 @@ class Run(PhaseTimer):
             return callback_kwargs
 
         return on_step_end
+
+
+def has_image_prompt_adapter(model: StageModel) -> bool:
+    """Whether an IP-Adapter is loaded into the stage's UNet: then every call passes image embeddings."""
+    return model.components.get("image_encoder") is not None
 
 
 def _generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
@@ -100,11 +107,19 @@ def _refiner_kwargs(req: GenerationRequest, latents: torch.Tensor | None) -> dic
 
 
 def _denoise(
-    run: Run, placement: Placement, model: StageModel, req: GenerationRequest, generators, embeds, stage_kwargs
+    run: Run,
+    placement: Placement,
+    pipe: DiffusionPipeline,
+    stage: str,
+    req: GenerationRequest,
+    generators,
+    embeds,
+    stage_kwargs,
+    devices: tuple[str, ...] = (),
 ) -> torch.Tensor:
-    pipe = stage_pipeline(model, req.mode, req.scheduler)
-    with run.phase(f"{model.stage}_denoise"):
-        placement.use(model.stage)
+    """The stage's denoising, to latents; `devices`: the placement slots it needs beside its own (ControlNets)."""
+    with run.phase(f"{stage}_denoise"):
+        placement.use(stage, devices)
         return pipe(
             **embeds.as_pipeline_kwargs(),
             **stage_kwargs,
@@ -112,8 +127,45 @@ def _denoise(
             generator=generators,
             num_images_per_prompt=req.num_outputs,
             output_type="latent",
-            callback_on_step_end=run.step_logger(model.stage),
+            callback_on_step_end=run.step_logger(stage),
         ).images
+
+
+@contextmanager
+def image_prompt_scale(pipe: DiffusionPipeline, req: GenerationRequest):
+    """The IP-Adapter's scale for this request, in the UNet's attention processors (shared by every request on that
+    UNet), back to 0 afterwards whatever happens."""
+    pipe.set_ip_adapter_scale(req.image_prompt.scale if req.image_prompt is not None else 0.0)
+    try:
+        yield
+    finally:
+        pipe.set_ip_adapter_scale(0.0)
+
+
+def _base_stage(
+    run: Run, weights: LoadedWeights, base: StageModel, req: GenerationRequest, generators, embeds
+) -> torch.Tensor:
+    """The base's denoising, with the request's ControlNets and image prompt: control maps and image embeddings are
+    made first, each in a phase of its own (low-VRAM mode brings their models for that phase alone)."""
+    placement, control = weights.placement, weights.control
+    plan = plan_controls(control, req.controls)
+    if plan is not None:
+        with run.phase("control_preprocess"):
+            placement.use("control_preprocess")
+            make_maps(plan, control)
+    pipe = stage_pipeline(base, req.mode, req.scheduler, plan.controlnet() if plan is not None else None)
+    kwargs = _base_kwargs(req) | (plan.pipeline_kwargs(req.mode) if plan is not None else {})
+    adapter = has_image_prompt_adapter(base)
+    if adapter:
+        guided = req.guidance_scale > 1 and base.components["unet"].config.time_cond_proj_dim is None
+        prompt = req.image_prompt if req.image_prompt is not None and req.image_prompt.active else None
+        # Without an image prompt the embeddings are zeros: no phase, no image encoder on the device.
+        with run.phase("image_prompt_encoding") if prompt is not None else nullcontext():
+            if prompt is not None:
+                placement.use("image_prompt")
+            kwargs["ip_adapter_image_embeds"] = image_prompt_embeds(pipe, prompt, guided, pipe.device)
+    with image_prompt_scale(pipe, req) if adapter else nullcontext():
+        return _denoise(run, placement, pipe, "base", req, generators, embeds, kwargs, plan.slots if plan else ())
 
 
 def to_uint8(sample: torch.Tensor) -> torch.Tensor:
@@ -160,12 +212,15 @@ def generate(
         base_embeds = _encode(base, req) if running_base else None
         refiner_embeds = _encode(refiner, req) if refining else None
 
-    # 2. Base denoising, to latents; 3. refining them.
+    # 2. Base denoising, with the request's controls, to latents; 3. refining them, without.
     latents = None
     if running_base:
-        latents = _denoise(run, placement, base, req, generators, base_embeds, _base_kwargs(req))
+        latents = _base_stage(run, weights, base, req, generators, base_embeds)
     if refining:
-        latents = _denoise(run, placement, refiner, req, generators, refiner_embeds, _refiner_kwargs(req, latents))
+        pipe = stage_pipeline(refiner, req.mode, req.scheduler)
+        latents = _denoise(
+            run, placement, pipe, "refiner", req, generators, refiner_embeds, _refiner_kwargs(req, latents)
+        )
 
     # 4. Per image: decode, paste back, safety check, watermark, hand over (see finish_images).
     with run.phase("vae_decode"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from sdxl_cog.config import MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from sdxl_cog.errors import InputError
 from sdxl_cog.inputs import images, uploads
+from sdxl_cog.inputs.control import Control, ControlInput, ImagePrompt, fit_controls, load_controls, load_image_prompt
 from sdxl_cog.weights.profiles import DEFAULT_PROFILE, Profile
 
 
@@ -69,9 +71,9 @@ class GenerationRequest:
     refine_strength: float
     image: Image.Image | None = None  # the source, already fitted to width x height
     mask: Image.Image | None = None  # binary, fitted like the image; white is repainted
-    model: str | None = (
-        None  # the checkpoint's name (checked by checkpoints.registry.Checkpoints.resolve); None: the default
-    )
+    model: str | None = None  # the checkpoint's name (checkpoints.registry.Checkpoints.resolve); None: the default
+    controls: tuple[Control, ...] = ()  # ControlNet controls, in the order of their controlnet_N inputs
+    image_prompt: ImagePrompt | None = None  # the IP-Adapter's image prompt
     # The inputs the request left out and the checkpoint's profile supplied, with their values.
     profile_defaults: dict = field(default_factory=dict)
 
@@ -113,11 +115,20 @@ def default_refine_steps(num_inference_steps: int, refine_strength: float) -> in
 
 
 def _source_images(
-    image: Path | None, mask: Path | None, width: int | None, height: int | None, side: int = DEFAULT_PROFILE.side
+    image: Path | None,
+    mask: Path | None,
+    width: int | None,
+    height: int | None,
+    side: int = DEFAULT_PROFILE.side,
+    sizing: Image.Image | None = None,
 ) -> tuple[str, Image.Image | None, Image.Image | None, int, int]:
+    """The mode, the fitted source and mask, and the output size. Without a source, `sizing` (the first control
+    image) sets the sides left out as a source would, or the profile's side does."""
     if image is None:
         if mask is not None:
             raise InputError("mask was given without image: inpainting needs the image to paint into.")
+        if sizing is not None and (width is None or height is None):
+            return "txt2img", None, None, *images.size_from_image(sizing.size, width, height)
         return "txt2img", None, None, width or side, height or side
     source = images.load_image(image, "image")
     out_w, out_h = images.size_from_image(source.size, width, height)
@@ -159,16 +170,22 @@ def build_request(
     refine_steps: int | None,
     refine_strength: float,
     model: str | None = None,
+    controls: Sequence[ControlInput] = (),
+    ip_adapter_image: Path | None = None,
+    ip_adapter_scale: float = 0.0,
     profile: Profile = DEFAULT_PROFILE,
     files_from_client: bool = True,
 ) -> GenerationRequest:
     """`profile`: the chosen checkpoint's defaults (profiles.py), for the inputs left out (None).
-    `files_from_client`: image and mask came over HTTP, so only files Cog downloaded for this request are read
+    `files_from_client`: the files came over HTTP, so only files Cog downloaded for this request are read
     (uploads.py); False for callers that pass their own local files (tests, benchmarks)."""
     if files_from_client:
         image, mask = uploads.client_file(image, "image"), uploads.client_file(mask, "mask")
+    loaded_controls = load_controls(controls, files_from_client)
+    image_prompt = load_image_prompt(ip_adapter_image, ip_adapter_scale, files_from_client)
+    sizing = loaded_controls[0][2] if loaded_controls else None  # the first control image sizes a txt2img request
     given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
-    if image is None:
+    if image is None and sizing is None:
         given.update(width=width, height=height)  # with an image, the size follows the image instead
     profile_defaults = {k: v for k, v in profile.defaults().items() if k in given and given[k] is None}
     num_inference_steps = profile_defaults.get("num_inference_steps", num_inference_steps)
@@ -181,6 +198,11 @@ def build_request(
         raise InputError(
             f"high_noise_frac={high_noise_frac} must be strictly between 0 and 1 for expert_ensemble_refiner."
         )
+    if not refine.runs_base and (loaded_controls or image_prompt is not None):
+        raise InputError(
+            "refine=refiner_only runs the refiner alone, which takes no ControlNet control or image prompt (they "
+            "guide the base model): drop them, or choose another refine mode."
+        )
     if not refine.runs_base and image is None:
         raise InputError(
             "refine=refiner_only refines an existing image, but no image was given: pass image (and optionally "
@@ -189,7 +211,7 @@ def build_request(
     # refiner_only never runs the base, so prompt_strength (the base's img2img strength) plays no part.
     if image is not None and refine.runs_base:
         _check_prompt_strength(num_inference_steps, prompt_strength)
-    mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height, profile.side)
+    mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height, profile.side, sizing)
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -208,5 +230,7 @@ def build_request(
         image=source,
         mask=fitted_mask,
         model=model,
+        controls=fit_controls(loaded_controls, (out_w, out_h)),
+        image_prompt=image_prompt,
         profile_defaults=profile_defaults,
     )

@@ -3,6 +3,7 @@ chunk; EXIF UserComment for JPEG and WebP), so that any SD tool can read back ho
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -17,8 +18,15 @@ def parameters_text(prompt: str, negative_prompt: str, fields: dict[str, object]
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    lines.append(", ".join(f"{key}: {quoted(value)}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def quoted(value: object) -> str:
+    """A value as A1111 writes it among the pairs: in JSON quotes when it holds a comma, a colon or a line break (a
+    ControlNet unit, a file name), which its parser (re_param_code) reads back whole and unquotes."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def exif_with_comment(text: str) -> bytes:

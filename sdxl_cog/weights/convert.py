@@ -47,13 +47,13 @@ def _read_pickle(path: Path):
 READERS = {".safetensors": _read_safetensors, ".bin": _read_pickle}
 
 
-def convert_weights(sources: list[Path], target: Path) -> None:
+def convert_weights(sources: list[Path], target: Path, to_fp16: bool) -> None:
     """Merge `sources` (shards, or one file) into the single safetensors file `target`.
 
-    Floating tensors become fp16 when the target is an fp16 variant file; other targets keep the
-    source dtype. Tensors are read one at a time, so the peak is about the size of the output.
+    Floating tensors become fp16 with `to_fp16` (an fp16 variant file, or one its loader reads by its plain
+    name); otherwise they keep the source dtype. Tensors are read one at a time, so the peak is about the size
+    of the output.
     """
-    to_fp16 = ".fp16." in target.name
     tensors = {}
     for source in sources:
         for key, tensor in READERS[source.suffix](source):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import logging
@@ -20,19 +19,19 @@ import os
 import posixpath
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sdxl_cog.weights.atomic import atomic_target
 from sdxl_cog.weights.catalog import legacy_name
+from sdxl_cog.weights.control_parts import ControlPart, control_section, controlnet_types, plan_control
 from sdxl_cog.weights.convert import convert_single_file, convert_weights
 from sdxl_cog.weights.layout import (
     BASE_DIR,
+    CONTROL_DIR,
     MANIFEST_NAME,
     MODELS_DIR,
     REFINER_DIR,
-    SAFETY_CHECKER_DIR,
-    VAE_DIR,
     WeightsError,
     model_dir,
     read_manifest,
@@ -40,6 +39,7 @@ from sdxl_cog.weights.layout import (
     verify,
     write_manifest,
 )
+from sdxl_cog.weights.parts import PARTS, Part, made_as_is, plan_files
 from sdxl_cog.weights.profiles import PRESETS
 from sdxl_cog.weights.sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
 from sdxl_cog.weights.url_download import fetch_url, hf_auth_headers
@@ -50,97 +50,6 @@ logger = logging.getLogger(__name__)
 # under `.cache`, which the manifest skips. It is removed after a successful run, so images stay lean.
 STAGING = Path(".cache") / "sdxl-cog"
 PREVIOUS_MANIFEST = "previous-manifest.json"
-
-
-# --- What fills each part of the layout -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Part:
-    """One folder of the layout and what fills it: small files copied as they are, and weight files."""
-
-    folder: str
-    repo: str  # the default source
-    files: tuple[str, ...]  # glob patterns, relative to the repo root and to the folder alike
-    weights: tuple[str, ...]  # exact names; built from another form when the repo lacks them
-
-
-PARTS = {
-    BASE_DIR: Part(
-        BASE_DIR,
-        "stabilityai/stable-diffusion-xl-base-1.0",
-        # No vae/: the fp16-fix VAE replaces it. The tokenizer folders hold vocab, merges and the
-        # tokenizer_config/special_tokens_map that set max length 77 and tokenizer_2's "!" padding.
-        (
-            "model_index.json",
-            "scheduler/scheduler_config.json",
-            "tokenizer/*",
-            "tokenizer_2/*",
-            "text_encoder/config.json",
-            "text_encoder_2/config.json",
-            "unet/config.json",
-        ),
-        (
-            "text_encoder/model.fp16.safetensors",
-            "text_encoder_2/model.fp16.safetensors",
-            "unet/diffusion_pytorch_model.fp16.safetensors",
-        ),
-    ),
-    # The refiner borrows the base's text_encoder_2, tokenizer_2 and the VAE, so only its UNet is fetched.
-    REFINER_DIR: Part(
-        REFINER_DIR,
-        "stabilityai/stable-diffusion-xl-refiner-1.0",
-        ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json"),
-        ("unet/diffusion_pytorch_model.fp16.safetensors",),
-    ),
-    # These two repos ship fp32 only; their weights are cast to the fp16 variant setup() loads. The safety
-    # checker's main branch has only pytorch_model.bin, so that is what gets converted.
-    VAE_DIR: Part(
-        VAE_DIR, "madebyollin/sdxl-vae-fp16-fix", ("config.json",), ("diffusion_pytorch_model.fp16.safetensors",)
-    ),
-    SAFETY_CHECKER_DIR: Part(
-        SAFETY_CHECKER_DIR,
-        "CompVis/stable-diffusion-safety-checker",
-        ("config.json", "preprocessor_config.json"),
-        ("model.fp16.safetensors",),
-    ),
-}
-
-# Repo files a weight file can be built from, best first, as regexes over names in its folder; {v} is
-# ".fp16" for variant targets. Casting to fp16 happens only for variant targets.
-SOURCE_NAMES = (
-    r"{stem}{v}\.safetensors",  # the file itself
-    r"{stem}{v}-\d+-of-\d+\.safetensors",  # the same, sharded
-    r"{stem}\.safetensors",  # full precision
-    r"{stem}-\d+-of-\d+\.safetensors",
-    r"{pickle}\.bin",  # no safetensors at all: a pickle, read with weights_only=True (no code runs)
-)
-PICKLE_STEMS = {"model": "pytorch_model"}  # transformers' legacy name; diffusers kept its stem
-
-
-# --- Which repo files make each layout file --------------------------------------------------------
-
-
-def _plan(part: Part, listing: frozenset[str], label: str) -> dict[str, tuple[str, ...]]:
-    """Map each file the part needs (relative to its folder) to the repo files it is made from."""
-    plan = {}
-    for pattern in part.files:
-        matches = fnmatch.filter(listing, pattern)
-        if not matches:
-            raise DownloadError(f"{label} has no {pattern}; is it an SDXL-architecture diffusers repo?")
-        plan.update({name: (name,) for name in matches})
-    return plan | {target: _weight_sources(target, listing, label) for target in part.weights}
-
-
-def _weight_sources(target: str, listing: frozenset[str], label: str) -> tuple[str, ...]:
-    folder, name = posixpath.split(target)
-    stem, variant = name.split(".")[0], ".fp16" if ".fp16." in name else ""
-    in_folder = {posixpath.basename(f): f for f in listing if posixpath.dirname(f) == folder}
-    for pattern in SOURCE_NAMES:
-        regex = re.compile(pattern.format(stem=stem, v=re.escape(variant), pickle=PICKLE_STEMS.get(stem, stem)))
-        if found := sorted(path for base, path in in_folder.items() if regex.fullmatch(base)):
-            return tuple(found)
-    raise DownloadError(f"{label} has no weights for {target} (no safetensors or .bin in {folder or 'its root'}/).")
 
 
 # --- Filling one part ------------------------------------------------------------------------------
@@ -186,24 +95,90 @@ def _prune(folder: Path, keep: set[str]) -> None:
 def fill_from_repo(root: Path, part: Part, repo: HubRepo | MirrorRepo, old: dict) -> str:
     """Fetch or build every file of `part` from `repo`, skipping files intact from the same commit."""
     commit, listing = repo.resolve()
-    source, plan, folder = f"{repo.label} -> {commit}", _plan(part, listing, repo.label), root / part.folder
+    return _fill(root, part, repo, commit, listing, old)
+
+
+def _fill(root: Path, part: Part, repo: HubRepo | MirrorRepo, commit: str, listing: frozenset[str], old: dict) -> str:
+    source, plan, folder = f"{repo.label} -> {commit}", plan_files(part, listing, repo.label), root / part.folder
     todo = _todo(root, part, source, plan, old)
     logger.info("%s: %d of %d files to fetch from %s", part.folder, len(todo), len(plan), source)
-    if direct := [target for target, sources in todo.items() if sources == (target,)]:
+    if direct := [target for target, sources in todo.items() if made_as_is(part, target, sources)]:
         _fetch(repo, commit, direct, folder)
     for target, sources in todo.items():
-        if sources != (target,):
+        if not made_as_is(part, target, sources):
             logger.info("%s: building %s from %s", part.folder, target, ", ".join(sources))
-            _build(repo, commit, sources, root / STAGING / part.folder, folder / target)
+            _build(repo, commit, sources, root / STAGING / part.folder, folder / target, part.fp16(target))
     _prune(folder, set(plan))
     return source
 
 
-def _build(repo: HubRepo | MirrorRepo, commit: str, sources: tuple[str, ...], staging: Path, target: Path) -> None:
-    """Fetch the repo files `target` is made from into `staging`, convert them, and drop them."""
+def _build(
+    repo: HubRepo | MirrorRepo, commit: str, sources: tuple[str, ...], staging: Path, target: Path, fp16: bool
+) -> None:
+    """Fetch the repo files `target` is made from into `staging`, make it from them, and drop them: weights are
+    converted (casting to fp16 where `fp16`), another file is one stored under another name."""
     _fetch(repo, commit, list(sources), staging)
-    convert_weights([staging / s for s in sources], target)
+    if target.suffix == ".safetensors":
+        convert_weights([staging / s for s in sources], target, to_fp16=fp16)
+    else:
+        with atomic_target(target) as tmp:
+            shutil.copyfile(staging / sources[0], tmp)
     shutil.rmtree(staging)  # a full-precision source is twice the size of what it became
+
+
+# --- Control models: ControlNets, the IP-Adapter, the depth estimator ------------------------------------
+
+
+def fill_control(root: Path, control: ControlPart, repo: HubRepo | MirrorRepo, old: dict) -> dict:
+    """Fill one control folder like any part and return its manifest entry. A ControlNet's config is read, and
+    checked against its flag, before any of its weights are fetched."""
+    commit, listing = repo.resolve()
+    entry = dict(control.entry)
+    if control.section == "controlnets":
+        config = _read_json(repo, commit, listing, control.config_file, root / STAGING / control.part.folder)
+        entry["types"] = controlnet_types(control, config, repo.label)
+    entry["source"] = _fill(root, control.part, repo, commit, listing, old)
+    return entry
+
+
+def _read_json(repo: HubRepo | MirrorRepo, commit: str, listing: frozenset[str], name: str, staging: Path) -> dict:
+    if name not in listing:
+        raise DownloadError(f"{repo.label} has no {name}; is it a diffusers ControlNet repo?")
+    _fetch(repo, commit, [name], staging)
+    try:
+        return json.loads((staging / name).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DownloadError(f"{repo.label}'s {name} is not valid JSON ({e}).") from e
+
+
+def _control_sources(control: dict[str, ControlPart]) -> dict[str, HubRepo | MirrorRepo]:
+    sources = {folder: open_source(c.part.repo) for folder, c in control.items()}
+    if files := [source.label for source in sources.values() if isinstance(source, SingleFile)]:
+        raise DownloadError(f"{', '.join(files)}: a control model must be a diffusers repo or folder, not one file.")
+    return sources
+
+
+def _same_control(recorded: dict, control: dict[str, ControlPart]) -> bool:
+    """The manifest's control section holds what the flags ask for (what only a download learns aside)."""
+
+    def asked(entry: dict) -> dict:
+        return {key: value for key, value in entry.items() if key not in ("source", "types")}
+
+    recorded = {k: [asked(e) for e in v] if isinstance(v, list) else asked(v) for k, v in recorded.items()}
+    return recorded == control_section((c.section, c.entry) for c in control.values())
+
+
+def _prune_control(root: Path, wanted: set[str]) -> None:
+    """Control models baked by an earlier run but not asked for now leave the image; so does control/ once empty."""
+    control = root / CONTROL_DIR
+    if not control.is_dir():
+        return
+    for folder in sorted(control.iterdir()):
+        if folder.is_dir() and f"{CONTROL_DIR}/{folder.name}" not in wanted:
+            logger.info("%s: no longer asked for; removing it.", folder)
+            shutil.rmtree(folder)
+    if not any(control.iterdir()):
+        control.rmdir()
 
 
 # --- Single-file checkpoints -----------------------------------------------------------------------
@@ -224,7 +199,7 @@ def fill_from_single_file(root: Path, part: Part, checkpoint: SingleFile, old: d
     stock = open_source(part.repo)
     commit, listing = stock.resolve()
     source = f"{checkpoint.label} -> sha256:{sha256_of(path)} (configs {stock.label} -> {commit})"
-    plan, folder = _plan(part, listing, stock.label), root / part.folder
+    plan, folder = plan_files(part, listing, stock.label), root / part.folder
     if not _todo(root, part, source, plan, old):
         return source
     _fetch(stock, commit, [target for target in plan if target not in part.weights], folder)
@@ -304,14 +279,19 @@ def _prune_models(root: Path, wanted: set[str]) -> None:
                 shutil.rmtree(folder)
 
 
-def _up_to_date(root: Path, requests_by_part: dict[str, str], names: list[str]) -> bool:
-    """The manifest records the same requests and names and every file is present at its recorded size."""
+def _up_to_date(
+    root: Path, requests_by_part: dict[str, str], names: list[str], control: dict[str, ControlPart]
+) -> bool:
+    """The manifest records the same requests, names and control models, and every file is present at its
+    recorded size."""
     try:
         manifest = verify(root)
     except WeightsError:
         return False
     recorded = manifest.get("sources", {})
     if [m["name"] for m in manifest.get("models", [])] != names or set(recorded) != set(requests_by_part):
+        return False
+    if not _same_control(manifest.get("control", {}), control):
         return False
     return all(recorded.get(folder, "").split(" -> ")[0] == label for folder, label in requests_by_part.items())
 
@@ -339,35 +319,47 @@ def download(
     models: dict[str, str] | None = None,
     base_name: str | None = None,
     profiles: dict[str, str] | None = None,
+    controlnets: list[str] | None = None,
+    ip_adapter: str | None = None,
+    depth_estimator: bool = False,
 ) -> dict:
     """Fill `root`; `base` may be a repo id, a mirror folder or a single `.safetensors` file or URL.
 
     `revision` (a branch, tag or commit) applies to the base repo, stock or not; the other parts use main.
     `models` maps further checkpoints' names to sources taken like `base`; with them, the manifest lists every
     checkpoint, base/ first under `base_name` (default: the last part of its source). `profiles` maps a model's
-    name to its profile preset (profiles.py), recorded in the manifest.
+    name to its profile preset (profiles.py), recorded in the manifest. `controlnets` (each `union`, `canny`,
+    `depth` or `TYPE=SOURCE`), `ip_adapter` (`vit-h` or `bigg`) and `depth_estimator` bake the optional control
+    models (control_parts.py), listed in the manifest's `control` section; without them the manifest has none.
     Returns the manifest. Raises DownloadError (a source) or WeightsError (the result).
     """
     root = Path(root).resolve()
     models = dict(models or {})
     _check_model_names(base_name, models)
     profiles = _check_profiles(profiles or {}, [base_name, *models])
+    control = plan_control(list(controlnets or []), ip_adapter, depth_estimator)
     # 1. What was asked for, part by part (no network yet).
-    sources = _sources(base, refiner, revision, models)
+    sources = _sources(base, refiner, revision, models) | _control_sources(control)
     labels = {folder: source.label for folder, source in sources.items()}
     folders = [BASE_DIR, *(model_dir(name) for name in models)]
     names = [base_name or legacy_name({"sources": {BASE_DIR: labels[BASE_DIR]}}), *models] if models else []
     # 2. Nothing to do when the manifest records the same sources and every file is intact.
-    if _up_to_date(root, labels, names):
+    if _up_to_date(root, labels, names, control):
         logger.info("%s is up to date (%s); nothing to download.", root, ", ".join(labels.values()))
         return read_manifest(root)
     # 3. Fill each part, keeping files intact from the last run of the same commit.
     old = _set_aside_manifest(root)
-    resolved = {}
+    resolved, control_entries = {}, []
     for folder, source in sources.items():
-        fill = fill_from_single_file if isinstance(source, SingleFile) else fill_from_repo
-        resolved[folder] = fill(root, _part(folder), source, old)
+        if folder in control:
+            entry = fill_control(root, control[folder], source, old)
+            control_entries.append((control[folder].section, entry))
+            resolved[folder] = entry["source"]
+        else:
+            fill = fill_from_single_file if isinstance(source, SingleFile) else fill_from_repo
+            resolved[folder] = fill(root, _part(folder), source, old)
     _prune_models(root, set(sources))
+    _prune_control(root, set(sources))
     if models:
         _share_identical_files(root, folders)
     # 4. Record where each part came from, with every file's size and sha256, and check the result.
@@ -376,7 +368,7 @@ def download(
         {"name": n, "dir": f, "source": resolved[f], **({"profile": profiles[n]} if n in profiles else {})}
         for n, f in zip(names, folders, strict=False)
     ]
-    write_manifest(root, sources=resolved, models=listed or None)
+    write_manifest(root, sources=resolved, models=listed or None, control=control_section(control_entries) or None)
     manifest = verify(root)
     logger.info("%s: %d files verified.", root, len(manifest["files"]))
     return manifest

@@ -1,6 +1,8 @@
 // The playground: a form generated from this server's /openapi.json (components.schemas.Input), one
 // async POST /predictions per Generate, then GET /predictions/{id} until it is done (the gateway keeps
 // coglet's webhook events for it): the denoising step while it runs, the images, seeds and timings.
+// The gateway keeps the images as files that only the key may read: they are fetched with it and
+// shown from blob: URLs (the page's Content-Security-Policy allows nothing else but data: URIs).
 
 // Shown at the top; the other inputs go under "More settings".
 const MAIN_INPUTS = ["prompt", "negative_prompt", "image", "mask", "width", "height", "num_inference_steps",
@@ -144,13 +146,33 @@ async function loadSchema() {
   showMessage("Fill in a prompt and press Generate.");
 }
 
-function showResult(prediction) {
+// blob: URLs of the images shown, released when the next ones replace them.
+let shownBlobs = [];
+
+// An output as something an <img> can show: a data: URI as it is, a gateway file fetched with the key.
+async function imageSource(uri) {
+  if (uri.startsWith("data:")) {
+    return uri;
+  }
+  const response = await fetch(uri, { headers: authHeaders() });
+  if (!response.ok) {
+    throw new Error(await refusalText(response));
+  }
+  const blob = URL.createObjectURL(await response.blob());
+  shownBlobs.push(blob);
+  return blob;
+}
+
+async function showResult(prediction) {
+  shownBlobs.forEach((blob) => URL.revokeObjectURL(blob));
+  shownBlobs = [];
   const outputs = [].concat(prediction.output || []);
-  const images = outputs.map((uri, index) => {
+  const sources = await Promise.all(outputs.map(imageSource));
+  const images = sources.map((source, index) => {
     const figure = document.createElement("figure");
     const img = document.createElement("img");
     img.alt = `output ${index}`;
-    img.src = uri;
+    img.src = source;
     const caption = document.createElement("figcaption");
     img.onload = () => { caption.textContent = `${img.naturalWidth}×${img.naturalHeight}`; };
     figure.append(img, caption);
@@ -238,7 +260,7 @@ async function generate(event) {
       showMessage(`The prediction failed: ${prediction.error || prediction.status}`, true);
       return;
     }
-    showResult(prediction);
+    await showResult(prediction);
     showMessage(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s.`);
   } catch (error) {
     showMessage(`Could not reach the server: ${error.message}`, true);
