@@ -254,7 +254,7 @@ class Settings:
             ),
             low_vram=_env_auto_bool("SDXL_LOW_VRAM"),
             model_memory_bytes=_env_int("SDXL_MODEL_MEMORY_BYTES", 0) or None,
-            # Off until measured on the target GPU with `make gpu-check` (README, "The compiled fast path").
+            # Off until measured on the target GPU with `make gpu-check` (docs/compile.md).
             compile=_env_bool("SDXL_COMPILE", False),
             # Compiled kernels for the next start; a volume in deploy/ keeps them across container restarts.
             compile_cache_dir=_env_path("SDXL_COMPILE_CACHE_DIR", Path("/tmp/sdxl-compile-cache")),

@@ -127,7 +127,7 @@ def check_toolchain(device: str) -> None:
         return
     raise RuntimeError(
         f"SDXL_COMPILE=1 on {kind} needs a compiler: none of {', '.join(names)} is on PATH and {variable} is unset. "
-        f"Install {names[0]} in the image (README, 'The compiled fast path') or unset SDXL_COMPILE."
+        f"Install {names[0]} in the image (docs/compile.md) or unset SDXL_COMPILE."
     )
 
 
