@@ -6,6 +6,7 @@
 #   make push REGISTRY=registry.example.com/ml   # builds, then pushes $(REGISTRY)/$(IMAGE):$(TAG)
 #   make test                                    # the whole suite (what CI runs)
 #   make test-fast                               # the engine tier only
+#   make test-half                               # every mode in half precision on the CPU
 #   make lint
 #
 # Dockerfile build arguments go in BUILD_FLAGS, e.g. a CPU image:
@@ -35,7 +36,7 @@ BUILD_ARGS = --label org.opencontainers.image.version=$(TAG) --label org.opencon
 	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
 comma := ,
 
-.PHONY: image push test test-fast lint cog-build cog-push
+.PHONY: image push test test-fast test-half lint cog-build cog-push
 
 ifneq ($(filter push,$(MAKECMDGOALS)),)
 ifeq ($(REGISTRY),)
@@ -79,6 +80,10 @@ test:
 # The engine tier only: no server subprocesses, no image builds.
 test-fast:
 	$(PYTHON) -m pytest -q -m engine tests
+
+# Every mode in bfloat16 and float16 on the CPU, against float32 (part of `make test` too).
+test-half:
+	$(PYTHON) -m pytest -q -m half tests
 
 lint:
 	$(PYTHON) -m ruff check .
