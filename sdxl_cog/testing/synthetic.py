@@ -22,7 +22,7 @@ from pathlib import Path
 import diffusers
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from torch import nn
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -351,9 +351,12 @@ def _write_pipeline_files(root: Path) -> None:
     version = {"_diffusers_version": diffusers.__version__}
     _write_json(root / BASE_DIR / "model_index.json", {**BASE_MODEL_INDEX, **version})
     _write_json(root / REFINER_DIR / "model_index.json", {**REFINER_MODEL_INDEX, **version})
-    scheduler = EulerDiscreteScheduler.from_config(architecture("scheduler"))
+    # As published, with the keys only other samplers read (clip_sample, set_alpha_to_one, skip_prk_steps,
+    # sample_max_value): saved through EulerDiscreteScheduler they were dropped, and DDIM then clipped its
+    # predictions to [-1, 1] and ended at alpha 1, which it does not on the real weights.
+    scheduler = {"_class_name": "EulerDiscreteScheduler", **version, **architecture("scheduler")}
     for pipeline in (BASE_DIR, REFINER_DIR):
-        scheduler.save_pretrained(root / pipeline / "scheduler")
+        _write_json(root / pipeline / "scheduler" / "scheduler_config.json", scheduler)
 
 
 def _write_part(root: Path, part: Part, config: dict, seed: int) -> None:
