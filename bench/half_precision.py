@@ -8,9 +8,10 @@ Every case runs through predict.py's Predictor set up once per SDXL_DTYPE on tin
 SEED, SEED + 1, ...; each half-precision image is compared with the float32 image of the same inputs and seed.
 Printed: PSNR min/median/max per case and dtype; what bugs give on the same float32 images (a channel swap,
 the denormalization skipped, an unrelated image: the next seed's, or the request's LoRA or model ignored);
-the CPU seconds a prediction takes in each dtype (float16 convolutions have no fast CPU kernel without
-AVX512-FP16 or AMX-FP16: torch falls back to its reference implementation); and the fraction of pixels off
-by more than one grey level.
+and the CPU seconds a prediction takes in each dtype, then one prediction of --profile-case per dtype on one
+thread under torch's profiler, with the operators that took most of it (float16 convolutions have no fast CPU
+kernel without AVX512-FP16 or AMX-FP16: torch falls back to its reference implementation, _slow_conv2d_forward).
+The fraction of pixels off by more than one grey level is given beside each PSNR.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_header, print_table  # noqa: E402
@@ -47,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names from CASES")
+    parser.add_argument("--profile-case", default="txt2img", help="the case profiled on one thread per dtype")
     args = parser.parse_args()
     cases = args.cases.split(",")
     seeds = [SEED + i for i in range(args.seeds)]
@@ -65,6 +68,7 @@ def main() -> None:
                     started = time.process_time()
                     outcomes[(dtype, case, seed)] = rig.run(dtype, case, seed)
                     cpu_seconds.setdefault((dtype, case), []).append(time.process_time() - started)
+        profiles = _profile(rig, args.profile_case)
         rig.close()
 
     def compare(dtype: str, case: str) -> tuple[list[float], list[float]]:
@@ -108,6 +112,26 @@ def main() -> None:
         ["case", *DTYPES],
         [[case, *(f"{np.median(cpu_seconds[(d, case)]):.2f}" for d in DTYPES)] for case in cases],
     )
+
+    print(f"{args.profile_case}, one torch thread, under torch's profiler (CPU seconds; operators by own time):\n")
+    print_table(["dtype", "CPU seconds", "top operators"], profiles)
+
+
+def _profile(rig: Rig, case: str) -> list[list[str]]:
+    """One prediction of `case` per dtype on one thread (after one to warm up): CPU seconds and the top operators."""
+    torch.set_num_threads(1)
+    rows = []
+    for dtype in DTYPES:
+        rig.run(dtype, case)
+        started = time.process_time()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            rig.run(dtype, case)
+        seconds = time.process_time() - started
+        events = sorted(profile.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        top = ", ".join(f"{e.key} {e.self_cpu_time_total / total:.0%}" for e in events[:3])
+        rows.append([dtype, f"{seconds:.2f}", top])
+    return rows
 
 
 if __name__ == "__main__":
