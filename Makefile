@@ -7,6 +7,7 @@
 #   make test                                    # the whole suite (what CI runs)
 #   make test-fast                               # the engine tier only (no compile tier: pytest -m compile)
 #   make try                                     # the API and playground on tiny random weights, no GPU
+#   make test-half                               # every mode in half precision on the CPU
 #   make lint
 #   make gpu-check                               # measure a CUDA GPU, offline (bench/gpu_check.py; see below)
 #
@@ -37,7 +38,7 @@ BUILD_ARGS = --label org.opencontainers.image.version=$(TAG) --label org.opencon
 	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
 comma := ,
 
-.PHONY: image push test test-fast lint cog-build cog-push try
+.PHONY: image push test test-fast test-half lint cog-build cog-push try
 
 ifneq ($(filter push,$(MAKECMDGOALS)),)
 ifeq ($(REGISTRY),)
@@ -85,6 +86,10 @@ test-fast:
 # The API and the playground on tiny synthetic weights (noise images), no GPU and no download: script/try.
 try:
 	script/try
+
+# Every mode in bfloat16 and float16 on the CPU, against float32 (part of `make test` too).
+test-half:
+	$(PYTHON) -m pytest -q -m half tests
 
 lint:
 	$(PYTHON) -m ruff check .

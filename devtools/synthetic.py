@@ -22,23 +22,14 @@ from pathlib import Path
 import diffusers
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl_cog.weights.layout import (
-    BASE_DIR,
-    MANIFEST_NAME,
-    REFINER_DIR,
-    SAFETY_CHECKER_DIR,
-    VAE_DIR,
-    model_dir,
-    read_manifest,
-    write_manifest,
-)
+from sdxl_cog.weights.layout import BASE_DIR, MANIFEST_NAME, REFINER_DIR, SAFETY_CHECKER_DIR, VAE_DIR, model_dir, read_manifest, write_manifest
 
 ARCHITECTURE_DIR = Path(__file__).parent / "architecture"
 
@@ -353,9 +344,12 @@ def _write_pipeline_files(root: Path) -> None:
     version = {"_diffusers_version": diffusers.__version__}
     write_json(root / BASE_DIR / "model_index.json", {**BASE_MODEL_INDEX, **version})
     write_json(root / REFINER_DIR / "model_index.json", {**REFINER_MODEL_INDEX, **version})
-    scheduler = EulerDiscreteScheduler.from_config(architecture("scheduler"))
+    # As published, with the keys only other samplers read (clip_sample, set_alpha_to_one, skip_prk_steps,
+    # sample_max_value): saved through EulerDiscreteScheduler they were dropped, and DDIM then clipped its
+    # predictions to [-1, 1] and ended at alpha 1, which it does not on the real weights.
+    scheduler = {"_class_name": "EulerDiscreteScheduler", **version, **architecture("scheduler")}
     for pipeline in (BASE_DIR, REFINER_DIR):
-        scheduler.save_pretrained(root / pipeline / "scheduler")
+        write_json(root / pipeline / "scheduler" / "scheduler_config.json", scheduler)
 
 
 def _write_part(root: Path, part: Part, config: dict, seed: int) -> None:

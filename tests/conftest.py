@@ -193,9 +193,9 @@ def weights_copy(tiny_weights, tmp_path) -> Path:
 def pytest_collection_modifyitems(items):
     """Tiers a developer can choose (`make test-fast` runs the engine tier): a module that starts the real Cog
     server (it imports the CogServer harness) is in the server tier, every other one not marked container or
-    compile is in the engine tier. Classifying by what the module does keeps a new test file from escaping its
+    compile or half (their own tiers: pytest -m compile, make test-half) is in the engine tier. Classifying by what the module does keeps a new test file from escaping its
     tier."""
     for item in items:
-        if item.get_closest_marker("container") or item.get_closest_marker("compile"):
+        if item.get_closest_marker("container") or item.get_closest_marker("compile") or item.get_closest_marker("half"):
             continue
         item.add_marker(pytest.mark.server if hasattr(item.module, "CogServer") else pytest.mark.engine)

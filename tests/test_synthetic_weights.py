@@ -7,7 +7,13 @@ import stat
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    PNDMScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTokenizer
@@ -70,6 +76,16 @@ def test_full_configs_are_the_published_architecture():
     for name in ("text_encoder", "text_encoder_2", "unet_base", "unet_refiner"):
         assert configs[name] == synthetic.architecture(name), name
     assert configs["vae"] == {**synthetic.architecture("vae"), "force_upcast": False}
+
+
+def test_every_sampler_reads_the_scheduler_config_as_on_the_real_weights(weights):
+    """SDXL's scheduler_config.json names Euler but also carries what other samplers read: DDIM neither clips its
+    predictions nor ends at alpha 1 there, and PLMS skips its Runge-Kutta warm-up."""
+    for pipeline in ("base", "refiner"):
+        config = json.loads((weights / pipeline / "scheduler" / "scheduler_config.json").read_text())
+        ddim = DDIMScheduler.from_config(config).config
+        assert (ddim.clip_sample, ddim.set_alpha_to_one, ddim.sample_max_value) == (False, False, 1.0), pipeline
+        assert PNDMScheduler.from_config(config).config.skip_prk_steps, pipeline
 
 
 def test_unknown_size_is_rejected(tmp_path):
