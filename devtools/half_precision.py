@@ -26,9 +26,10 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
+from devtools.synthetic import add_model, set_safety_checker_flags_everything
+from devtools.synthetic_control import add_control
 from predict import Predictor
 from sdxl_cog.config import MIN_SIDE, WATERMARK_MIN_SIDE
-from devtools.synthetic import add_model, set_safety_checker_flags_everything
 
 REFERENCE_DTYPE = "float32"
 HALF_DTYPES = ("bfloat16", "float16")
@@ -73,12 +74,25 @@ CASES: dict[str, dict] = {
     "lora": {"lora_weights": LORA, "lora_scale": LORA_SCALE},
     "model_own_unet": {"model": OWN_UNET},
     "model_own_text_encoders": {"model": OWN_TEXT_ENCODERS},
+    # ControlNet and the IP-Adapter (tiny control models baked beside the rest): canny and a ready pose map on the
+    # union with an image prompt, and a depth map made by the depth estimator for the single-type depth ControlNet.
+    "control_and_image_prompt": {
+        "controlnet_1": "canny",
+        "controlnet_1_image": SOURCE,
+        "controlnet_2": "pose",
+        "controlnet_2_image": MASK,
+        "controlnet_2_preprocess": False,
+        "ip_adapter_image": SOURCE,
+    },
+    "control_depth_preprocessed": {"controlnet_1": "depth", "controlnet_1_image": SOURCE},
     "safety_checker_off": {"disable_safety_checker": True},
     "watermark_256": {"width": WATERMARK_MIN_SIDE, "height": WATERMARK_MIN_SIDE},
     "jpg": {"output_format": "jpg", "output_quality": 95},
     "webp": {"output_format": "webp", "output_quality": 95},
 }
 LOSSY_FORMATS = ("jpg", "webp")
+# predict()'s file inputs, sent as the cases' stand-ins say.
+FILE_INPUTS = ("image", "mask", "controlnet_1_image", "controlnet_2_image", "controlnet_3_image", "ip_adapter_image")
 # The inputs every case shares; predict()'s own defaults fill the rest.
 COMMON_INPUTS = {"prompt": "a red fox in the snow", "num_inference_steps": STEPS, "seed": SEED}
 # predict()'s declared defaults, as coglet passes them for every input a request leaves out.
@@ -166,6 +180,7 @@ class Rig:
         self.weights = Path(shutil.copytree(tiny_weights, scratch / "weights"))
         add_model(self.weights, OWN_UNET, seed=1)
         add_model(self.weights, OWN_TEXT_ENCODERS, seed=2, own=("text_encoder", "text_encoder_2"))
+        add_control(self.weights)
         # The same weights with a safety checker that flags every image.
         self.flagging_weights = Path(shutil.copytree(tiny_weights, scratch / "flagging-weights"))
         set_safety_checker_flags_everything(self.flagging_weights)
@@ -221,7 +236,7 @@ class Rig:
         """One prediction of `case` in `dtype` through predict(), its files decoded at once."""
         predictor = self.predictor(dtype, weights)
         inputs = {**INPUT_DEFAULTS, **case_inputs(case, seed)}
-        for name in ("image", "mask"):
+        for name in FILE_INPUTS:
             if inputs[name] is not None:
                 inputs[name] = self._file(inputs[name])
         if inputs["lora_weights"] == LORA:

@@ -29,7 +29,16 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl_cog.weights.layout import BASE_DIR, MANIFEST_NAME, REFINER_DIR, SAFETY_CHECKER_DIR, VAE_DIR, model_dir, read_manifest, write_manifest
+from sdxl_cog.weights.layout import (
+    BASE_DIR,
+    MANIFEST_NAME,
+    REFINER_DIR,
+    SAFETY_CHECKER_DIR,
+    VAE_DIR,
+    model_dir,
+    read_manifest,
+    write_manifest,
+)
 
 ARCHITECTURE_DIR = Path(__file__).parent / "architecture"
 

@@ -196,6 +196,10 @@ def pytest_collection_modifyitems(items):
     compile or half (their own tiers: pytest -m compile, make test-half) is in the engine tier. Classifying by what the module does keeps a new test file from escaping its
     tier."""
     for item in items:
-        if item.get_closest_marker("container") or item.get_closest_marker("compile") or item.get_closest_marker("half"):
+        if (
+            item.get_closest_marker("container")
+            or item.get_closest_marker("compile")
+            or item.get_closest_marker("half")
+        ):
             continue
         item.add_marker(pytest.mark.server if hasattr(item.module, "CogServer") else pytest.mark.engine)

@@ -41,7 +41,18 @@ import pytest
 import torch
 from PIL import Image
 
-from devtools.half_precision import CASES, HALF_DTYPES, OWN_TEXT_ENCODERS, OWN_UNET, REFERENCE_DTYPE, SEED, Rig, is_lossy, is_one_colour, psnr
+from devtools.half_precision import (
+    CASES,
+    HALF_DTYPES,
+    OWN_TEXT_ENCODERS,
+    OWN_UNET,
+    REFERENCE_DTYPE,
+    SEED,
+    Rig,
+    is_lossy,
+    is_one_colour,
+    psnr,
+)
 from sdxl_cog.finishing.watermark import has_watermark
 
 pytestmark = pytest.mark.half
@@ -96,16 +107,22 @@ def test_every_module_holds_the_requested_dtype(rig, dtype):
     """Every module of every checkpoint, the shared ones and a loaded LoRA's layers hold their floating-point
     tensors in SDXL_DTYPE: a module left in float32 would pass every image comparison, only slower."""
     rig.outcome(dtype, "lora")  # its adapter stays loaded (disabled) after the request
-    models = rig.predictor(dtype).service.models
-    modules = dict(models.placement.modules)
-    for name, model in models.registry.models.items():
-        modules.update({f"{name}.{c}": model.components[c] for c in ("text_encoder", "text_encoder_2", "unet")})
+    service = rig.predictor(dtype).service
+    modules = dict(service.weights.placement.modules)
+    for checkpoint in service.checkpoints.by_name.values():
+        modules.update(
+            {
+                f"{checkpoint.name}.{c}": checkpoint.model.components[c]
+                for c in ("text_encoder", "text_encoder_2", "unet")
+            }
+        )
     expected = getattr(torch, dtype)
     for name, module in modules.items():
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         wrong = {key: t.dtype for key, t in tensors.items() if t.is_floating_point() and t.dtype != expected}
         assert not wrong, f"{name}: {wrong}"
-    lora_layers = [n for n, _ in models.base.components["unet"].named_parameters() if ".lora_" in n]
+    unet = service.checkpoints.default.model.components["unet"]
+    lora_layers = [n for n, _ in unet.named_parameters() if ".lora_" in n]
     assert lora_layers, "the LoRA request left no adapter to check"
 
 
@@ -129,4 +146,4 @@ def test_the_bounds_would_catch_what_real_bugs_do(rig):
         assert psnr(rig.outcome(REFERENCE_DTYPE, dropped).images[0], plain) < LOWEST_BOUND_DB, dropped
     other_seed = rig.outcome(REFERENCE_DTYPE, "safety_checker_off", seed=SEED + 1).images[0]
     assert psnr(other_seed, rig.outcome(REFERENCE_DTYPE, "safety_checker_off").images[0]) < LOWEST_BOUND_DB
-    assert {OWN_UNET, OWN_TEXT_ENCODERS} <= set(rig.predictor(REFERENCE_DTYPE).service.models.registry.names)
+    assert {OWN_UNET, OWN_TEXT_ENCODERS} <= set(rig.predictor(REFERENCE_DTYPE).service.checkpoints.names)

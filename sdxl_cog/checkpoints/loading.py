@@ -33,7 +33,14 @@ from sdxl_cog.device.memory import gpu_capacity
 from sdxl_cog.device.placement import Placement, make_placement, module_bytes
 from sdxl_cog.finishing.safety import SafetyChecker
 from sdxl_cog.weights import layout
-from sdxl_cog.weights.catalog import SHAREABLE, CheckpointEntry, ControlEntries, checkpoint_entries, component_key, control_entries
+from sdxl_cog.weights.catalog import (
+    SHAREABLE,
+    CheckpointEntry,
+    ControlEntries,
+    checkpoint_entries,
+    component_key,
+    control_entries,
+)
 
 
 @dataclass

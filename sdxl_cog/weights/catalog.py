@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdxl_cog.weights.control_types import CONTROL_TYPES
-from sdxl_cog.weights.layout import BASE_DIR, CONTROLNET_FILES, DEPTH_ESTIMATOR_FILES, IMAGE_ENCODER_FILES, image_encoder_path
+from sdxl_cog.weights.layout import (
+    BASE_DIR,
+    CONTROLNET_FILES,
+    DEPTH_ESTIMATOR_FILES,
+    IMAGE_ENCODER_FILES,
+    image_encoder_path,
+)
 from sdxl_cog.weights.profiles import Profile, profile_from
 
 # The parts of a checkpoint folder that can be shared with another checkpoint when identical.

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 from sdxl_cog.weights.catalog import SINGLE, UNION
 from sdxl_cog.weights.control_types import CONTROL_TYPES, union_types
-from sdxl_cog.weights.layout import CONTROLNET_FILES, DEPTH_ESTIMATOR_DIR, DEPTH_ESTIMATOR_FILES, IMAGE_ENCODER_FILES, IP_ADAPTER_DIR, controlnet_dir, image_encoder_path
+from sdxl_cog.weights.layout import (
+    CONTROLNET_FILES,
+    DEPTH_ESTIMATOR_DIR,
+    DEPTH_ESTIMATOR_FILES,
+    IMAGE_ENCODER_FILES,
+    IP_ADAPTER_DIR,
+    controlnet_dir,
+    image_encoder_path,
+)
 from sdxl_cog.weights.parts import Part
 from sdxl_cog.weights.sources import DownloadError
 

@@ -26,7 +26,19 @@ from sdxl_cog.weights.atomic import atomic_target
 from sdxl_cog.weights.catalog import legacy_name
 from sdxl_cog.weights.control_parts import ControlPart, control_section, controlnet_types, plan_control
 from sdxl_cog.weights.convert import convert_single_file, convert_weights
-from sdxl_cog.weights.layout import BASE_DIR, CONTROL_DIR, MANIFEST_NAME, MODELS_DIR, REFINER_DIR, WeightsError, model_dir, read_manifest, sha256_of, verify, write_manifest
+from sdxl_cog.weights.layout import (
+    BASE_DIR,
+    CONTROL_DIR,
+    MANIFEST_NAME,
+    MODELS_DIR,
+    REFINER_DIR,
+    WeightsError,
+    model_dir,
+    read_manifest,
+    sha256_of,
+    verify,
+    write_manifest,
+)
 from sdxl_cog.weights.parts import PARTS, Part, made_as_is, plan_files
 from sdxl_cog.weights.profiles import PRESETS
 from sdxl_cog.weights.sources import DownloadError, HubRepo, MirrorRepo, SingleFile, open_source
