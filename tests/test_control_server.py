@@ -1,8 +1,9 @@
-"""ControlNet controls and the IP-Adapter image prompt through the real Cog server (coglet), on tiny weights with the
-ControlNet-Union and the IP-Adapter baked but no depth estimator (devtools/synthetic_control.add_control): a control
-and an image prompt come back as images that record them; an unknown type is refused by the schema (422); a depth map
-to be made without the estimator, a broken control image and a server path each fail naming the input; and the
-server keeps serving after every one."""
+"""ControlNet controls and the IP-Adapter image prompt through the real Cog server (coglet), and through the gateway
+(real nginx) in front of it, on tiny weights with the ControlNet-Union and the IP-Adapter baked but no depth
+estimator (devtools/synthetic_control.add_control): a control and an image prompt come back as images that record
+them; an unknown type is refused by the schema (422); a depth map to be made without the estimator, a broken control
+image and a server path each fail naming the input; the server keeps serving after every one; the gateway passes a
+keyed control request and refuses URLs and paths for the new file inputs as it does for image and mask."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from devtools.cog_server import CogServer
+from devtools.gateway import Gateway, nginx_available
 from devtools.synthetic_control import add_control
 from sdxl_cog.control.models import BAKES_DEPTH_ESTIMATOR
 from sdxl_cog.inputs.uploads import refusal
+from sdxl_cog.schema.openapi import build_schema
 from tests.conftest import REPO_ROOT
-from tests.helpers.server import READY_TIMEOUT_S, data_uri, decode_outputs, predict_when_free
+from tests.helpers.server import PREDICT_TIMEOUT_S, READY_TIMEOUT_S, data_uri, decode_outputs, predict_when_free
 
 # The smallest size and fewest steps a control request runs at: every failure below happens before any denoising.
 CHEAP = {"prompt": "a glass house", "width": 128, "height": 128, "num_inference_steps": 2, "seed": 5}
@@ -36,6 +40,11 @@ def edge_photo() -> bytes:
 
 
 PHOTO = data_uri(edge_photo())
+KEY = "control-key-0123456789"
+BEARER = {"Authorization": f"Bearer {KEY}"}
+# High enough that no test here meets the gateway's rate limit.
+UNLIMITED = {"SDXL_GATEWAY_RATE_PER_MINUTE": "60000", "SDXL_GATEWAY_BURST": "10000"}
+NO_NGINX = "nginx (with libnginx-mod-http-js) and envsubst not installed"
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +82,11 @@ def parameters(body: dict) -> str:
 
 def test_a_control_and_an_image_prompt_come_back_as_images_that_record_them(server):
     controlled = generate(
-        server, controlnet_1="canny", controlnet_1_image=PHOTO, controlnet_1_conditioning_scale=0.9, controlnet_1_end=0.5
+        server,
+        controlnet_1="canny",
+        controlnet_1_image=PHOTO,
+        controlnet_1_conditioning_scale=0.9,
+        controlnet_1_end=0.5,
     )
     assert [image.size for image in decode_outputs(controlled)] == [(128, 128)]
     assert controlled["metrics"]["control_preprocess_time"] >= 0
@@ -119,3 +132,57 @@ def test_a_broken_control_image_or_a_server_path_fails_naming_the_input(server):
     for field, extra in (("controlnet_1_image", {"controlnet_1": "canny"}), ("ip_adapter_image", {})):
         for path in ("/etc/hostname", "/nonexistent.png"):
             assert failure(server, **extra, **{field: path}).endswith(f"InputError: {refusal(field)}")
+
+
+# -- through the gateway ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(server):
+    with Gateway(server.port, env={"SDXL_API_KEYS": KEY, **UNLIMITED}) as running:
+        yield running
+
+
+def through(gateway, headers=BEARER, **inputs) -> requests.Response:
+    return requests.post(
+        f"{gateway.url}/predictions", json={"input": {**CHEAP, **inputs}}, headers=headers, timeout=PREDICT_TIMEOUT_S
+    )
+
+
+@pytest.mark.gateway
+@pytest.mark.skipif(not nginx_available(), reason=NO_NGINX)
+def test_a_keyed_control_request_through_the_gateway_succeeds(gateway):
+    assert through(gateway, headers={}, controlnet_1="canny", controlnet_1_image=PHOTO).status_code == 401
+    response = through(gateway, controlnet_1="canny", controlnet_1_image=PHOTO, ip_adapter_image=PHOTO)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error")
+    recorded = parameters(body)
+    assert 'ControlNet 0: "Module: canny, Model: union' in recorded
+    assert 'ControlNet 1: "Module: ip-adapter' in recorded
+
+
+def file_inputs() -> list[str]:
+    """The inputs predict.py's schema marks as files: the ones the gateway reads from the served schema."""
+    properties = build_schema()["components"]["schemas"]["Input"]["properties"]
+    return [name for name, schema in properties.items() if schema.get("format") == "uri"]
+
+
+@pytest.mark.gateway
+@pytest.mark.skipif(not nginx_available(), reason=NO_NGINX)
+def test_the_gateway_refuses_urls_and_server_paths_for_the_control_images_as_for_image(gateway, server):
+    names = file_inputs()
+    assert {"controlnet_1_image", "controlnet_2_image", "controlnet_3_image", "ip_adapter_image"} < set(names)
+    marker = "gateway-refused-9f3c"
+    refusals = {}
+    for name in names:
+        for kind, value in (("url", f"https://example.com/{marker}.png"), ("path", f"/tmp/{marker}.png")):
+            response = through(gateway, **{name: value})
+            assert response.status_code == 400, (name, kind, response.text)
+            refusals[name, kind] = response.json()["error"].replace(f'"{name}"', '"NAME"')
+    for kind in ("url", "path"):
+        assert len({refusals[name, kind] for name in names}) == 1, refusals  # the same words as for image
+    assert "is a URL, and this server does not download URLs" in refusals["image", "url"]
+    assert "must be a data: URI" in refusals["image", "path"]
+    assert marker not in server.log_tail(10**7), "a refused input reached coglet"
+    assert through(gateway, controlnet_2="tile", controlnet_2_image=PHOTO).json()["status"] == "succeeded"
