@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,25 @@ def test_a_broken_control_image_or_a_server_path_fails_naming_the_input(server):
     for field, extra in (("controlnet_1_image", {"controlnet_1": "canny"}), ("ip_adapter_image", {})):
         for path in ("/etc/hostname", "/nonexistent.png"):
             assert failure(server, **extra, **{field: path}).endswith(f"InputError: {refusal(field)}")
+
+
+def test_test_request_py_sends_the_control_inputs(server, tmp_path):
+    photo = tmp_path / "edges.png"
+    photo.write_bytes(edge_photo())
+    inputs = [*(f"{name}={value}" for name, value in CHEAP.items()), "controlnet_1=lineart"]
+    inputs += [f"controlnet_1_image=@{photo}", "controlnet_1_preprocess=false", "controlnet_1_conditioning_scale=1.5"]
+    inputs += [f"ip_adapter_image=@{photo}", "ip_adapter_scale=0.25"]
+    command = [sys.executable, str(REPO_ROOT / "test_request.py"), "--url", server.url, "--output-dir", str(tmp_path)]
+    done = subprocess.run(
+        [*command, *(f"--input={pair}" for pair in inputs)], capture_output=True, text=True, timeout=PREDICT_TIMEOUT_S
+    )
+    assert done.returncode == 0, done.stderr
+    recorded = Image.open(tmp_path / "output-0.png").info["parameters"]
+    assert (
+        'ControlNet 0: "Module: none, Model: union, Weight: 1.5' in recorded
+        and "Union Control Type: lineart" in recorded
+    )
+    assert 'ControlNet 1: "Module: ip-adapter, Model: ip-adapter_sdxl, Weight: 0.25' in recorded
 
 
 # -- through the gateway ----------------------------------------------------------------------------
