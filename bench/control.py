@@ -23,7 +23,7 @@ have the same architecture less the union's one-layer condition transformer: the
 weights each. Safety checker and watermark are off: they cost every variant the same.
 
 On the CPU the weights load as float16, memory-mapped, and the modules the requests run are then cast to bfloat16:
-this CPU's float16 kernels are emulated (a convolution ~500x slower than bfloat16, measured here), and loading in
+this CPU's float16 kernels are emulated (a convolution ~500x slower than in bfloat16, bench/README.md), and loading in
 bfloat16 would convert the refiner and safety checker too, which no request here runs (full size: ~19 GB in all,
 more than a 24 GB machine shared with others can spare). On CUDA the service loads as it does in production.
 """
@@ -51,6 +51,7 @@ from devtools.synthetic import make_weights  # noqa: E402
 from devtools.synthetic_control import add_control  # noqa: E402
 from sdxl_cog.config import Settings  # noqa: E402
 from sdxl_cog.device.placement import module_bytes  # noqa: E402
+from sdxl_cog.device.timing import PhaseTimer  # noqa: E402
 from sdxl_cog.inputs.control import ControlInput  # noqa: E402
 from sdxl_cog.inputs.request import build_request  # noqa: E402
 from sdxl_cog.outputs.metadata import read_parameters  # noqa: E402
@@ -149,14 +150,47 @@ def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def predict(service: SDXLService, req) -> tuple[float, float, dict, int]:
-    """Wall and CPU seconds, the metrics, and the control units the image records (proof of what ran)."""
+@dataclasses.dataclass
+class Measured:
+    wall_s: float
+    cpu_s: float
+    phase_cpu_s: dict[str, float]  # the process's CPU seconds in each of the engine's timed phases
+    phase_wall_s: dict[str, float]  # the engine's own timing of each phase (its *_time metrics; a GPU's synchronized)
+    units: int  # the ControlNet units the image records: the controls and image prompt that ran
+    gpu_peak_bytes: int | None  # the prediction's peak GPU memory (metrics, on a GPU only)
+
+
+@contextlib.contextmanager
+def phase_cpu_seconds(totals: dict[str, float]):
+    """While active, the engine's PhaseTimer also adds the process's CPU seconds in each phase to `totals`. On a
+    machine shared with other work this is the steady measure of the work a phase does, where its wall time also
+    counts the waits for a core. With one image nothing else of the request runs beside the denoising."""
+    timed_phase = PhaseTimer.phase
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        started = time.process_time()
+        with timed_phase(self, name):
+            yield
+        totals[name] = totals.get(name, 0.0) + time.process_time() - started
+
+    PhaseTimer.phase = phase
+    try:
+        yield
+    finally:
+        PhaseTimer.phase = timed_phase
+
+
+def predict(service: SDXLService, req) -> Measured:
+    phases: dict[str, float] = {}
     started, cpu_started = time.perf_counter(), time.process_time()
     # predict() logs a line per step, which a server would capture into the prediction's logs.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), phase_cpu_seconds(phases):
         prediction = service.predict(req, OPTIONS, None, 0.6)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return wall, cpu, prediction.metrics, len(UNIT.findall(read_parameters(Path(prediction.paths[0]))))
+    walls = {key.removesuffix("_time"): v for key, v in prediction.metrics.items() if key.endswith("_time")}
+    units = len(UNIT.findall(read_parameters(Path(prediction.paths[0]))))
+    return Measured(wall, cpu, phases, walls, units, prediction.metrics.get("gpu_peak_memory_bytes"))
 
 
 def main() -> None:
@@ -224,40 +258,47 @@ def main() -> None:
                 "repeat": f"{args.repeat} rounds after a 1-step warm-up round",
             },
         )
-        report(runs, args.steps)
+        # On the CPU the phases' CPU seconds are the steady measure; a GPU's work is in its own synchronized timings.
+        report(runs, args.steps, "CPU" if on_cpu else "wall")
 
 
-def report(runs: dict[str, list], steps: int) -> None:
-    wall = {name: [r[0] for r in rs] for name, rs in runs.items()}
-    cpu = {name: [r[1] for r in rs] for name, rs in runs.items()}
-    metric = {name: (lambda key, rs=rs: median([r[2].get(key, 0.0) for r in rs])) for name, rs in runs.items()}
-    plain_wall, plain_cpu = median(wall["plain"]), median(cpu["plain"])
-    plain_step = metric["plain"]("base_denoise_time") / steps
-    rows = []
-    for name, rs in runs.items():
-        units = sorted({r[3] for r in rs})
-        step = metric[name]("base_denoise_time") / steps
-        rows.append(
-            [
-                name,
-                spread(wall[name]),
-                ratio(median(wall[name]), plain_wall),
-                f"{median(cpu[name]):.2f} s",
-                ratio(median(cpu[name]), plain_cpu),
-                f"{step:.3f} s",
-                ratio(step, plain_step),
-                f"{metric[name]('control_preprocess_time'):.3f} s",
-                f"{metric[name]('image_prompt_encoding_time'):.3f} s",
-                f"{metric[name]('vae_decode_time'):.3f} s",
-                ",".join(map(str, units)),
-            ]
+def report(runs: dict[str, list[Measured]], steps: int, phase_clock: str) -> None:
+    def med(name: str, value) -> float:
+        return median([value(run) for run in runs[name]])
+
+    def phase(key: str):
+        return lambda run: (run.phase_cpu_s if phase_clock == "CPU" else run.phase_wall_s).get(key, 0.0)
+
+    plain_wall, plain_cpu = med("plain", lambda r: r.wall_s), med("plain", lambda r: r.cpu_s)
+    plain_step = med("plain", phase("base_denoise")) / steps
+    requests, phases = [], []
+    for name, variant_runs in runs.items():
+        wall, cpu, step = med(name, lambda r: r.wall_s), med(name, lambda r: r.cpu_s), med(name, phase("base_denoise"))
+        units = ",".join(str(u) for u in sorted({run.units for run in variant_runs}))
+        walls = [run.wall_s for run in variant_runs]
+        peaks = [run.gpu_peak_bytes for run in variant_runs if run.gpu_peak_bytes is not None]
+        gpu = f"{max(peaks) / GIB:.2f} GiB" if peaks else "n/a"
+        requests.append(
+            [name, spread(walls), ratio(wall, plain_wall), f"{cpu:.2f} s", ratio(cpu, plain_cpu), gpu, units]
         )
-    headers = ["variant", "request wall s, median (min-max)", "vs plain", "request CPU s", "vs plain"]
-    headers += ["denoising s per step", "vs plain", "control maps", "image prompt encoding", "VAE decode", "units"]
-    print_table(headers, rows)
+        step /= steps
+        maps, encoding = med(name, phase("control_preprocess")), med(name, phase("image_prompt_encoding"))
+        text, decode = med(name, phase("text_encoding")), med(name, phase("vae_decode"))
+        phases.append(
+            [name, f"{step:.3f} s", ratio(step, plain_step), f"{step - plain_step:+.3f} s"]
+            + [f"{seconds:.3f} s" for seconds in (maps, encoding, text, decode)]
+        )
+    print("### The request")
+    headers = ["variant", "wall s, median (min-max)", "vs plain", "CPU s, median", "vs plain", "peak GPU memory"]
+    print_table([*headers, "units"], requests)
+    print(f"### Its phases, {phase_clock} seconds (medians)")
+    headers = ["variant", "denoising per step", "vs plain", "difference", "control maps", "image prompt encoding"]
+    print_table([*headers, "text encoding", "VAE decode"], phases)
     print(
-        "- medians; `units`: the ControlNet units each image records (the controls and image prompt that ran). "
-        "Denoising per step is the base_denoise_time metric over the steps: what a request of more steps multiplies."
+        "- `units`: the ControlNet units each image records (the controls and image prompt that ran). CPU seconds are "
+        "the process's, over each of the engine's phases (with --threads 1, the work itself; with more, the threads' "
+        "waits for each other too); wall seconds are the engine's own phase timings. Denoising per step is the base's "
+        "denoising over the steps: what a request of more steps multiplies."
     )
 
 
