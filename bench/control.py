@@ -12,8 +12,8 @@ minutes) and kept for the next run: delete it afterwards. Without --weights, tin
 directory.
 
 Variants, run round-robin after a warm-up round at one step, so that a change in the machine's load falls on all alike:
-  plain        the request without control. On a server with the IP-Adapter baked, every request runs its attention
-               processors, with zero image embeddings when there is no image prompt (control/plan.py)
+  plain        the request without control, on the same service: its UNet has the IP-Adapter's attention
+               processors, which skip the adapter's attention at scale 0 (no image prompt)
   1 control    canny, its map made in the server (OpenCV)
   2 controls   + depth, its map made in the server (the depth estimator)
   3 controls   + pose, a ready map
