@@ -113,10 +113,15 @@ def input_types(url: str) -> dict[str, dict] | None:
     try:
         response = SESSION.get(f"{url}/openapi.json", timeout=10)
         response.raise_for_status()
-        schemas = response.json()["components"]["schemas"]
-        properties = schemas["Input"]["properties"]
+        return schema_input_types(response.json())
     except (requests.RequestException, ValueError, KeyError):
         return None
+
+
+def schema_input_types(document: dict) -> dict[str, dict]:
+    """`{name: schema}` of the inputs of a Cog server's OpenAPI document, with enum refs resolved."""
+    schemas = document["components"]["schemas"]
+    properties = schemas["Input"]["properties"]
     for name, prop in properties.items():
         for ref in prop.get("allOf", []):
             properties[name] = {**schemas[ref["$ref"].rsplit("/", 1)[-1]], **prop}

@@ -2,8 +2,10 @@
 
 import common from 'common.js';
 
-// Used when the schema cannot be read (coglet serves none without .cog/openapi_schema.json).
-const FALLBACK_FILE_INPUTS = ['image', 'mask'];
+// predict.py's file inputs, used when the schema cannot be read (coglet serves none without
+// .cog/openapi_schema.json). tests/test_gateway.py keeps it equal to predict.py's.
+const FALLBACK_FILE_INPUTS = ['image', 'mask', 'controlnet_1_image', 'controlnet_2_image', 'controlnet_3_image',
+    'ip_adapter_image'];
 
 // Host names that resolve inside a network by convention, never on the public internet.
 const PRIVATE_SUFFIXES = ['localhost', 'local', 'internal', 'intranet', 'lan', 'home.arpa', 'corp', 'svc',

@@ -18,6 +18,7 @@ from PIL import Image
 
 from devtools.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
 from devtools.gateway import Gateway, nginx_available
+from sdxl_cog.schema.openapi import build_schema
 
 CLIENT = REPO_ROOT / "test_request.py"
 GATED_REF = f"{REPO_ROOT / 'tests/fixtures/probe_predictors.py'}:Gated"
@@ -130,6 +131,33 @@ def test_file_values_become_data_uris(tmp_path):
     assert client.coerce("image", f"@{photo}", {"type": "string"}) == "data:image/jpeg;base64,/9hqcGVn"
     with pytest.raises(client.RequestError, match="input file not found"):
         client.coerce("image", "@missing.png", None)
+
+
+def test_the_control_inputs_of_predict_py_are_sent_as_their_json_types(tmp_path):
+    photo = tmp_path / "edges.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(photo)
+    types = client.schema_input_types(build_schema())
+    pairs = [
+        "controlnet_1=canny",
+        f"controlnet_1_image=@{photo}",
+        "controlnet_1_preprocess=false",
+        "controlnet_1_conditioning_scale=1",
+        "controlnet_3_end=0.5",
+        f"ip_adapter_image=@{photo}",
+        "ip_adapter_scale=0",
+    ]
+    assert client.build_input(pairs, types) == {
+        "controlnet_1": "canny",
+        "controlnet_1_image": client.data_uri(photo),
+        "controlnet_1_preprocess": False,
+        "controlnet_1_conditioning_scale": 1.0,
+        "controlnet_3_end": 0.5,
+        "ip_adapter_image": client.data_uri(photo),
+        "ip_adapter_scale": 0.0,
+    }
+    assert client.data_uri(photo).startswith("data:image/png;base64,")
+    with pytest.raises(client.RequestError, match="controlnet_2_preprocess='maybe' is not a valid boolean"):
+        client.build_input(["controlnet_2_preprocess=maybe"], types)
 
 
 def test_busy_server_is_an_error():

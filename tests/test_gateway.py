@@ -18,6 +18,7 @@ from PIL import Image
 
 from devtools.cog_server import DUMMY_PREDICTOR_REF, REPO_ROOT, CogServer, free_port
 from devtools.gateway import Gateway, GatewayError, nginx_available, nobody_readable_dir
+from sdxl_cog.schema.openapi import build_schema
 
 pytestmark = [
     pytest.mark.gateway,
@@ -206,6 +207,21 @@ def test_a_url_for_a_file_input_is_400_unless_allowed_and_a_data_uri_goes_throug
     assert response.status_code == 200 and response.json()["status"] == "succeeded"
     sent_bytes = len(base64.b64decode(image.split(",", 1)[1]))
     assert response.json()["metrics"]["image_bytes"] == sent_bytes
+
+
+def test_without_a_schema_the_gateway_still_refuses_urls_for_every_file_input_of_predict_py(tmp_path):
+    """coglet serves no /openapi.json without .cog/openapi_schema.json: the gateway falls back to predict.py's file
+    inputs, which must be all of them."""
+    properties = build_schema()["components"]["schemas"]["Input"]["properties"]
+    names = [name for name, schema in properties.items() if schema.get("format") == "uri"]
+    with CogServer(DUMMY_PREDICTOR_REF, cwd=tmp_path, generate_schema=False) as cog:
+        assert requests.get(f"{cog.url}/openapi.json", timeout=10).status_code != 200
+        with Gateway(cog.port, env={"SDXL_API_KEYS": KEYS[0], **UNLIMITED}) as gateway:
+            for name in names:
+                response = predict(gateway, {"input": {**DUMMY_INPUT, name: "https://example.com/cat.png"}})
+                assert response.status_code == 400, (name, response.text)
+                assert f'Input "{name}" is a URL' in error_of(response)
+            assert predict(gateway).status_code == 200
 
 
 def test_allowed_url_inputs_must_name_a_public_host(cog):

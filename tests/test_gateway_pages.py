@@ -1,16 +1,24 @@
 """The gateway's pages in a real browser (Debian's Chromium, headless, driven by Selenium through
 /usr/bin/chromedriver), served by real nginx in front of coglet running predict.py on tiny weights:
 /docs/ lists the inputs of this server's own schema and runs a request; / generates an image of the
-requested size and shows its seed, and four 2048x2048 images (tests/fixtures/large_output_predictor.py);
+requested size and shows its seed, generates with a ControlNet chosen under "Control" (tiny control models baked,
+devtools/synthetic_control.add_control), and shows four 2048x2048 images (tests/fixtures/large_output_predictor.py);
 a wrong key is reported. Every test fails on any Content-Security-Policy violation in the browser's
 console: the pages work under the gateway's strict policy. The screenshots are kept under build/test-artifacts/."""
 
+import re
+import shutil
+from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pytest
+import requests
+from PIL import Image
 
 from devtools.cog_server import REPO_ROOT, CogServer
 from devtools.gateway import Gateway, nginx_available
+from devtools.synthetic_control import add_control
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -35,14 +43,16 @@ pytestmark = [
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def gateway(tiny_weights, tmp_path_factory):
     assert SWAGGER_UI.exists(), "Swagger UI is not installed: run `npm ci --ignore-scripts --prefix gateway`"
     scratch = tmp_path_factory.mktemp("pages")
-    env = {"SDXL_WEIGHTS_DIR": str(tiny_weights), "SDXL_OUTPUT_DIR": str(scratch / "outputs")}
+    weights = Path(shutil.copytree(tiny_weights, scratch / "weights"))
+    add_control(weights)
+    env = {"SDXL_WEIGHTS_DIR": str(weights), "SDXL_OUTPUT_DIR": str(scratch / "outputs")}
     with CogServer(cwd=REPO_ROOT, env=env, ready_timeout=READY_TIMEOUT_S, log_path=scratch / "server.log") as cog:
         with Gateway(cog.port, env={"SDXL_API_KEYS": KEY}) as running:
             yield running
@@ -180,6 +190,55 @@ def test_playground_generates_an_image_of_the_requested_size_and_shows_its_seed(
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(screenshot))
     print(f"\nplayground screenshot: {screenshot}")
+
+
+def test_playground_generates_with_a_control_chosen_under_control(gateway, browser, tmp_path):
+    photo = tmp_path / "house.png"
+    pixels = np.full((128, 128, 3), 30, np.uint8)
+    pixels[24:104, 24:104] = (220, 200, 40)
+    Image.fromarray(pixels).save(photo)
+    browser.get(gateway.url + "/")
+    use_key(browser, KEY)
+    wait(browser).until(ec.element_to_be_clickable((By.ID, "generate")))
+    set_field(browser, "prompt", "a glass house")
+    set_field(browser, "width", 128)
+    set_field(browser, "height", 128)
+    set_field(browser, "num_inference_steps", 2)
+    set_field(browser, "seed", SEED)
+    control = browser.find_element(By.ID, "control")
+    assert not control.get_attribute("open")  # collapsed until asked for
+    # A slot's inputs wait for its type.
+    assert not browser.find_element(By.NAME, "controlnet_1_image").is_enabled()
+    control.find_element(By.TAG_NAME, "summary").click()
+    Select(browser.find_element(By.NAME, "controlnet_1")).select_by_value("canny")
+    assert browser.find_element(By.NAME, "controlnet_1_image").is_enabled()
+    assert not browser.find_element(By.NAME, "controlnet_2_image").is_enabled()
+    browser.find_element(By.NAME, "controlnet_1_image").send_keys(str(photo))
+    log_before = len(gateway.log())
+    browser.find_element(By.ID, "generate").click()
+
+    done = (By.CSS_SELECTOR, "#images img"), (By.CSS_SELECTOR, "#message.error")
+    wait(browser, PREDICT_TIMEOUT_S).until(ec.any_of(*(ec.presence_of_element_located(d) for d in done)))
+    assert not browser.find_elements(*done[1]), browser.find_element(By.ID, "message").text + gateway.log()[-3000:]
+    wait(browser).until(ec.text_to_be_present_in_element((By.ID, "message"), "Done in"))
+    assert "control_preprocess_time" in browser.find_element(By.ID, "details").text  # the canny map was made
+
+    # What the page sent, as the image records it: the prediction it followed, found in the gateway's access log.
+    (prediction_id,) = set(re.findall(r'"GET /predictions/([0-9a-f]{32})"', gateway.log()[log_before:]))
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    state = requests.get(f"{gateway.url}/predictions/{prediction_id}", headers=bearer, timeout=10).json()
+    (output,) = state["output"]
+    image = Image.open(BytesIO(requests.get(f"{gateway.url}{output}", headers=bearer, timeout=10).content))
+    assert image.size == (128, 128)
+    parameters = image.info["parameters"]
+    assert 'ControlNet 0: "Module: canny, Model: canny, Weight: 0.75' in parameters
+    assert "ControlNet 1:" not in parameters  # the slots left at none sent nothing
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    screenshot = ARTIFACTS / "playground-control.png"
+    browser.execute_script("arguments[0].scrollIntoView()", control)
+    browser.save_screenshot(str(screenshot))
+    print(f"\nplayground control screenshot: {screenshot}")
 
 
 def test_playground_shows_four_2048_images_from_the_gateways_store(large_gateway, browser):

@@ -4,9 +4,18 @@
 // The gateway keeps the images as files that only the key may read: they are fetched with it and
 // shown from blob: URLs (the page's Content-Security-Policy allows nothing else but data: URIs).
 
-// Shown at the top; the other inputs go under "More settings".
+// Shown at the top; the control inputs go under "Control", the other inputs under "More settings".
 const MAIN_INPUTS = ["prompt", "negative_prompt", "image", "mask", "width", "height", "num_inference_steps",
   "seed", "scheduler", "refine", "output_format"];
+// The control inputs, one fieldset per group of inputs whose names share a prefix (controlnet_1_image, ...).
+// A group's own input, named as its prefix (controlnet_1: the type), turns it on: while it is OFF the group's
+// other inputs are disabled and left out of the request. Only the first group of each kind shows the inputs'
+// descriptions (the others' are the same, their number aside): the rest have them as tooltips.
+const CONTROL_GROUPS = [
+  { pattern: /^(controlnet_(\d+))(_|$)/, legend: (match) => `ControlNet ${match[2]}` },
+  { pattern: /^(ip_adapter)_/, legend: () => "Image prompt (IP-Adapter)" },
+];
+const OFF = "none";
 const TEXTAREAS = ["prompt", "negative_prompt"];
 const POLL_MS = 700;
 const FINISHED = ["succeeded", "failed", "canceled"];
@@ -29,9 +38,17 @@ function choicesOf(property) {
   return ref ? schemas[ref.split("/").pop()].enum : property.enum;
 }
 
-function fieldFor(name, property) {
+function sentenceCase(words) {
+  return words.charAt(0).toUpperCase() + words.slice(1).replace(/_/g, " ");
+}
+
+// A labelled form control for one input; `title` and `help` ("text" or "tooltip") default to the schema's.
+function fieldFor(name, property, title, help) {
   const label = document.createElement("label");
-  label.append(property.title || name.charAt(0).toUpperCase() + name.slice(1).replace(/_/g, " "));
+  const text = document.createElement("span");
+  text.className = "name";
+  text.textContent = title || property.title || sentenceCase(name);
+  label.append(text);
   const choices = choicesOf(property);
   let control;
   if (choices) {
@@ -60,25 +77,77 @@ function fieldFor(name, property) {
   control.name = name;
   control.dataset.kind = property.format === "uri" ? "file" : property.type || "string";
   label.append(control);
-  if (property.description) {
-    const help = document.createElement("span");
-    help.className = "help";
-    help.textContent = property.description;
-    label.append(help);
+  if (property.description && help === "tooltip") {
+    label.title = property.description;
+  } else if (property.description) {
+    const description = document.createElement("span");
+    description.className = "help";
+    description.textContent = property.description;
+    label.append(description);
   }
   return label;
+}
+
+// The group `name` belongs to: its kind (the index in CONTROL_GROUPS), prefix and legend; or null.
+function controlGroupOf(name) {
+  for (const [kind, group] of CONTROL_GROUPS.entries()) {
+    const match = name.match(group.pattern);
+    if (match) return { kind, prefix: match[1], legend: group.legend(match) };
+  }
+  return null;
+}
+
+// Disable a group's other inputs while its own input is OFF.
+function bindGroupSwitch(fieldset, prefix) {
+  const toggle = fieldset.querySelector(`[name="${prefix}"]`);
+  if (!toggle) return;
+  const update = () => {
+    fieldset.querySelectorAll("[name]").forEach((control) => {
+      if (control !== toggle) control.disabled = toggle.value === OFF;
+    });
+  };
+  toggle.addEventListener("change", update);
+  update();
+}
+
+// Each control input into its group's fieldset under "Control", made when the group's first input comes.
+// `firstOfKind`: the prefix of the first group of each kind, the one that shows the descriptions.
+function addControlField(name, property, group, fieldsets, firstOfKind) {
+  let fieldset = fieldsets.get(group.prefix);
+  if (!fieldset) {
+    fieldset = document.createElement("fieldset");
+    fieldset.className = "group";
+    const legend = document.createElement("legend");
+    legend.textContent = group.legend;
+    fieldset.append(legend);
+    fieldsets.set(group.prefix, fieldset);
+    $("control-fields").append(fieldset);
+  }
+  if (!firstOfKind.has(group.kind)) firstOfKind.set(group.kind, group.prefix);
+  const help = firstOfKind.get(group.kind) === group.prefix ? "text" : "tooltip";
+  const rest = name.slice(group.prefix.length).replace(/^_/, "");
+  const field = fieldFor(name, property, rest ? sentenceCase(rest) : "Type", help);
+  if (property.type === "number" || property.type === "integer") field.classList.add("number");
+  fieldset.append(field);
 }
 
 function buildForm(schema) {
   schemas = schema.components.schemas;
   const properties = schemas.Input.properties;
   const names = Object.keys(properties).sort((a, b) => properties[a]["x-order"] - properties[b]["x-order"]);
-  $("fields").replaceChildren();
-  $("more-fields").replaceChildren();
+  ["fields", "control-fields", "more-fields"].forEach((id) => $(id).replaceChildren());
+  const fieldsets = new Map();
+  const firstOfKind = new Map();
   names.forEach((name) => {
-    const target = MAIN_INPUTS.includes(name) ? "fields" : "more-fields";
-    $(target).append(fieldFor(name, properties[name]));
+    const group = MAIN_INPUTS.includes(name) ? null : controlGroupOf(name);
+    if (group) {
+      addControlField(name, properties[name], group, fieldsets, firstOfKind);
+    } else {
+      $(MAIN_INPUTS.includes(name) ? "fields" : "more-fields").append(fieldFor(name, properties[name]));
+    }
   });
+  fieldsets.forEach((fieldset, prefix) => bindGroupSwitch(fieldset, prefix));
+  $("control").hidden = fieldsets.size === 0;
   $("more").hidden = $("more-fields").children.length === 0;
   $("generate").disabled = false;
 }
@@ -92,11 +161,12 @@ function readAsDataUri(file) {
   });
 }
 
-// The form as Cog input: empty fields are left out, so the server's defaults apply.
+// The form as Cog input: empty and disabled fields are left out, so the server's defaults apply.
 async function collectInput() {
   const input = {};
   for (const control of $("inputs").querySelectorAll("[name]")) {
     const kind = control.dataset.kind;
+    if (control.disabled) continue;
     if (kind === "file") {
       if (control.files.length) input[control.name] = await readAsDataUri(control.files[0]);
     } else if (control.type === "checkbox") {
