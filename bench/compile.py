@@ -40,8 +40,8 @@ def child(args) -> None:
     started = time.perf_counter()
     import torch
 
+    from devtools.local_request import local_request
     from sdxl_cog.config import Settings
-    from sdxl_cog.inputs.request import build_request
     from sdxl_cog.service import OutputOptions, SDXLService
 
     imported = time.perf_counter()
@@ -51,24 +51,13 @@ def child(args) -> None:
     options = OutputOptions("png", 80, apply_watermark=False, safety_check=False)
     seconds = []
     for seed in range(args.requests):
-        req = build_request(
+        req = local_request(
             prompt="a red fox in the snow",
-            negative_prompt="",
-            image=None,
-            mask=None,
             width=args.side,
             height=args.side,
-            num_outputs=1,
-            scheduler="K_EULER",
             num_inference_steps=args.steps,
             guidance_scale=7.5,
-            prompt_strength=0.8,
             seed=seed,
-            refine="no_refiner",
-            high_noise_frac=0.8,
-            refine_steps=None,
-            refine_strength=0.3,
-            files_from_client=False,
         )
         begun = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):

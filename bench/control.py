@@ -47,13 +47,13 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GIB, MemorySampler, median, print_header, print_table, ratio, spread  # noqa: E402
 
+from devtools.local_request import local_request  # noqa: E402
 from devtools.synthetic import make_weights  # noqa: E402
 from devtools.synthetic_control import add_control  # noqa: E402
 from sdxl_cog.config import Settings  # noqa: E402
 from sdxl_cog.device.placement import module_bytes  # noqa: E402
 from sdxl_cog.device.timing import PhaseTimer  # noqa: E402
 from sdxl_cog.inputs.control import ControlInput  # noqa: E402
-from sdxl_cog.inputs.request import build_request  # noqa: E402
 from sdxl_cog.outputs.metadata import read_parameters  # noqa: E402
 from sdxl_cog.service import OutputOptions, SDXLService  # noqa: E402
 from sdxl_cog.weights.layout import MANIFEST_NAME  # noqa: E402
@@ -104,27 +104,16 @@ def request(images: dict[str, Path], side: int, steps: int, controls: int, image
         ControlInput(kind, images[image], preprocess, CONDITIONING_SCALE, 0.0, 1.0)
         for kind, image, preprocess in CONTROL_SLOTS[:controls]
     ]
-    return build_request(
+    return local_request(
         prompt=PROMPT,
-        negative_prompt="",
-        image=None,
-        mask=None,
         width=side,
         height=side,
-        num_outputs=1,
-        scheduler="K_EULER",
         num_inference_steps=steps,
         guidance_scale=GUIDANCE,
-        prompt_strength=0.8,
         seed=SEED,
-        refine="no_refiner",
-        high_noise_frac=0.8,
-        refine_steps=None,
-        refine_strength=0.3,
         controls=slots,
         ip_adapter_image=images["photo"] if image_prompt else None,
         ip_adapter_scale=IP_ADAPTER_SCALE,
-        files_from_client=False,
     )
 
 

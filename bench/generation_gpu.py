@@ -44,8 +44,8 @@ from common import GIB, median, print_header, print_table, ratio  # noqa: E402
 from flops import peak_tflops as flops_peak_tflops  # noqa: E402
 from flops import sdxl_flops  # noqa: E402
 
+from devtools.local_request import local_request  # noqa: E402
 from sdxl_cog.config import DEFAULT_HIGH_NOISE_FRAC, Settings  # noqa: E402
-from sdxl_cog.inputs.request import build_request  # noqa: E402
 from sdxl_cog.service import OutputOptions, SDXLService  # noqa: E402
 from sdxl_cog.weights import layout  # noqa: E402
 from sdxl_cog.weights.profiles import SDXL_SIDE  # noqa: E402
@@ -159,23 +159,15 @@ def run_baseline(pipes, mode: str, batch: int, args) -> Run:
 
 
 def run_service(service: SDXLService, options: OutputOptions, mode: str, batch: int, args) -> Run:
-    request = build_request(
+    request = local_request(
         prompt=PROMPT,
-        negative_prompt="",
-        image=None,
-        mask=None,
         width=args.side,
         height=args.side,
         num_outputs=batch,
-        scheduler="K_EULER",
         num_inference_steps=args.steps,
         guidance_scale=GUIDANCE,
-        prompt_strength=0.8,
         seed=SEED,
         refine=MODES[mode],
-        high_noise_frac=DEFAULT_HIGH_NOISE_FRAC,
-        refine_steps=None,
-        refine_strength=0.3,
     )
     reset_peak(args.device)
     synchronize(args.device)

@@ -44,11 +44,11 @@ from common import GIB, median, print_header, print_table  # noqa: E402
 from flops import peak_tflops, sdxl_flops  # noqa: E402
 from generation_gpu import StageClock, reset_peak, synchronize  # noqa: E402
 
+from devtools.local_request import local_request  # noqa: E402
 from devtools.synthetic_pipelines import random_lora, synthetic_pipelines  # noqa: E402
-from sdxl_cog.config import DEFAULT_HIGH_NOISE_FRAC, Settings, parse_compile_sizes  # noqa: E402
+from sdxl_cog.config import Settings, parse_compile_sizes  # noqa: E402
 from sdxl_cog.device import compilation  # noqa: E402
 from sdxl_cog.device.placement import module_bytes  # noqa: E402
-from sdxl_cog.inputs.request import build_request  # noqa: E402
 from sdxl_cog.service import OutputOptions, SDXLService  # noqa: E402
 from sdxl_cog.weights.profiles import Profile  # noqa: E402
 
@@ -100,25 +100,10 @@ def peak_gib(device: str) -> float | None:
 
 def request(args, steps: int, sources: dict[str, Path], **overrides):
     fields = dict(
-        prompt=PROMPT,
-        negative_prompt="",
-        image=None,
-        mask=None,
-        width=args.side,
-        height=args.side,
-        num_outputs=1,
-        scheduler="K_EULER",
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
-        prompt_strength=0.8,
-        seed=SEED,
-        refine="no_refiner",
-        high_noise_frac=DEFAULT_HIGH_NOISE_FRAC,
-        refine_steps=None,
-        refine_strength=0.3,
+        prompt=PROMPT, width=args.side, height=args.side, num_inference_steps=steps, guidance_scale=GUIDANCE, seed=SEED
     )
     fields.update({k: sources[v] if k in ("image", "mask") else v for k, v in overrides.items() if k != "lora"})
-    return build_request(**fields, files_from_client=False)
+    return local_request(**fields)
 
 
 def predict(service: SDXLService, args, req, lora: str | None, variant: str, mode: str) -> Row:

@@ -35,9 +35,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, median, print_header, print_table, ratio, spread  # noqa: E402
 
+from devtools.local_request import local_request  # noqa: E402
 from devtools.synthetic import make_weights  # noqa: E402
 from sdxl_cog.config import Settings  # noqa: E402
-from sdxl_cog.inputs.request import build_request  # noqa: E402
 from sdxl_cog.service import OutputOptions, SDXLService  # noqa: E402
 from sdxl_cog.weights import layout  # noqa: E402
 
@@ -67,9 +67,7 @@ def request_inputs(side: int, steps: int) -> dict:
 
 
 def build(inputs: dict):
-    defaults = dict(image=None, mask=None, prompt_strength=0.8, high_noise_frac=0.8, refine_steps=None)
-    fields = {k: v for k, v in inputs.items() if k != "output_format"}
-    return build_request(**defaults, refine_strength=0.3, **fields)
+    return local_request(**{k: v for k, v in inputs.items() if k != "output_format"})
 
 
 def bare_pipeline(root: Path, dtype: torch.dtype):

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools.local_request import local_request
 from devtools.synthetic import make_weights
 from sdxl_cog.config import MIN_SIDE, Settings
 from sdxl_cog.device.placement import StagedPlacement
-from sdxl_cog.inputs.request import build_request
 from sdxl_cog.service import OutputOptions, SDXLService
 
 # The helpers' asserts report their operands, as a test module's do.
@@ -32,30 +32,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_SIDE = MIN_SIDE
 TEST_STEPS = 4
 
+# What tests ask for beside predict.py's defaults (devtools/local_request.py).
 REQUEST_DEFAULTS = dict(
     prompt="a red fox in the snow",
-    negative_prompt="",
-    image=None,
-    mask=None,
     width=TEST_SIDE,
     height=TEST_SIDE,
-    num_outputs=1,
-    scheduler="K_EULER",
     num_inference_steps=TEST_STEPS,
     guidance_scale=7.5,
-    prompt_strength=0.8,
     seed=1234,
-    refine="no_refiner",
-    high_noise_frac=0.8,
-    refine_steps=None,
-    refine_strength=0.3,
 )
 DEFAULT_OPTIONS = OutputOptions(output_format="png", output_quality=80, apply_watermark=False, safety_check=True)
 
 
 def make_request(**overrides):
     """A request as the engine builds it; image and mask are the test's own local files."""
-    return build_request(**{**REQUEST_DEFAULTS, **overrides}, files_from_client=False)
+    return local_request(**{**REQUEST_DEFAULTS, **overrides})
 
 
 def pixels(path_or_image) -> np.ndarray:

@@ -16,6 +16,7 @@ import torch
 from cog.types import Path as CogPath
 from PIL import Image
 
+from devtools.local_request import predict_defaults
 from sdxl_cog.config import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from sdxl_cog.device.memory import GIB, MemoryBudget, out_of_memory_error
 from sdxl_cog.errors import InputError
@@ -53,7 +54,7 @@ def downloaded() -> CogPath:
 def test_cogs_own_downloads_are_accepted_and_decoded(input_dir):
     path = downloaded()
     assert path.parent == input_dir
-    request = build_request(**{**REQUEST_DEFAULTS, "image": path, "width": None, "height": None})
+    request = build_request(**{**predict_defaults(), **REQUEST_DEFAULTS, "image": path, "width": None, "height": None})
     assert (request.mode, request.width) == ("img2img", 128)
 
 
