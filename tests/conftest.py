@@ -21,6 +21,7 @@ from devtools.synthetic import make_weights
 from sdxl_cog.config import MIN_SIDE, Settings
 from sdxl_cog.device.placement import StagedPlacement
 from sdxl_cog.service import OutputOptions, SDXLService
+from sdxl_cog.weights import sources
 
 # The helpers' asserts report their operands, as a test module's do.
 pytest.register_assert_rewrite("tests.helpers")
@@ -173,6 +174,19 @@ def compiled_service(settings, tmp_path_factory) -> SDXLService:
         compile_sizes=((TEST_SIDE, TEST_SIDE, 1),),
     )
     return SDXLService(compiled)
+
+
+@pytest.fixture
+def fetch_log(monkeypatch) -> list[str]:
+    """Every file a mirror copies, in order."""
+    copied, fetch = [], sources.MirrorRepo.fetch
+
+    def logged(self, commit, files, dest):
+        copied.extend(files)
+        return fetch(self, commit, files, dest)
+
+    monkeypatch.setattr(sources.MirrorRepo, "fetch", logged)
+    return copied
 
 
 @pytest.fixture

@@ -206,19 +206,6 @@ def mirror(tmp_path, monkeypatch) -> Path:
     return root
 
 
-@pytest.fixture
-def fetch_log(monkeypatch) -> list[str]:
-    """Every file a mirror copies, in order."""
-    copied, fetch = [], sources.MirrorRepo.fetch
-
-    def logged(self, commit, files, dest):
-        copied.extend(files)
-        return fetch(self, commit, files, dest)
-
-    monkeypatch.setattr(sources.MirrorRepo, "fetch", logged)
-    return copied
-
-
 def control_files(root: Path) -> set[str]:
     return {name for name in layout_files(root) if name.startswith("control/")}
 

@@ -95,19 +95,6 @@ def mirror(tmp_path, monkeypatch) -> Path:
     return root
 
 
-@pytest.fixture
-def fetch_log(monkeypatch) -> list[str]:
-    """Every file a mirror copies, in order."""
-    copied, fetch = [], sources.MirrorRepo.fetch
-
-    def logged(self, commit, files, dest):
-        copied.extend(files)
-        return fetch(self, commit, files, dest)
-
-    monkeypatch.setattr(sources.MirrorRepo, "fetch", logged)
-    return copied
-
-
 def test_download_takes_exactly_the_layout_files(mirror, tmp_path):
     dest = tmp_path / "weights"
     manifest = dl.download(dest)
