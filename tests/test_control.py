@@ -295,23 +295,31 @@ def test_a_window_restated_over_the_kept_steps_guides_the_same_steps():
                 )
 
 
-def test_preprocessing_makes_the_map_the_preprocessor_makes(controlled, maps):
-    photo = images.fit(Image.open(maps["photo"]).convert("RGB"), (TEST_SIDE, TEST_SIDE))
-    for type_, make in (
-        ("canny", preprocess.canny),
-        (
-            "depth",
-            lambda i: preprocess.depth(
-                controlled.weights.control.depth_estimator.model,
-                controlled.weights.control.depth_estimator.processor,
-                i,
+def test_preprocessing_makes_the_map_the_preprocessor_makes(controlled, maps, tmp_path):
+    """From the photo fitted to the output size, whatever its size: a photo of another size and shape (300x200) shows
+    the map is made after fitting, not made and then fitted."""
+    wide = source_image(tmp_path, (300, 200))
+    for source in (maps["photo"], wide):
+        original = Image.open(source).convert("RGB")
+        photo = images.fit(original, (TEST_SIDE, TEST_SIDE))
+        for type_, make in (
+            ("canny", preprocess.canny),
+            (
+                "depth",
+                lambda i: preprocess.depth(
+                    controlled.weights.control.depth_estimator.model,
+                    controlled.weights.control.depth_estimator.processor,
+                    i,
+                ),
             ),
-        ),
-    ):
-        made = image(controlled, controls=[control(type_, maps["photo"], preprocess_=True)])
-        ready = Path(maps["photo"]).with_name(f"{type_}-map.png")
-        make(photo).save(ready)
-        assert max_diff(made, image(controlled, controls=[control(type_, ready)])) == 0, type_
+        ):
+            made = image(controlled, controls=[control(type_, source, preprocess_=True)])
+            ready = tmp_path / f"{type_}-map.png"
+            make(photo).save(ready)
+            assert max_diff(made, image(controlled, controls=[control(type_, ready)])) == 0, (source, type_)
+            if source == wide:  # the map of the unfitted photo, fitted as a ready map is, is another image
+                make(original).save(ready)
+                assert max_diff(made, image(controlled, controls=[control(type_, ready)])) > 0, type_
 
 
 def test_a_control_image_is_fitted_like_image_and_sizes_a_text_to_image_request(controlled, tmp_path):
