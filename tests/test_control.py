@@ -28,6 +28,7 @@ from devtools.synthetic import add_model, lora_state_dict
 from devtools.synthetic_control import add_control
 from sdxl_cog.control import preprocess
 from sdxl_cog.errors import InputError
+from sdxl_cog.generation.pipelines import window_over_kept_steps
 from sdxl_cog.inputs import images
 from sdxl_cog.inputs.control import ControlInput
 from sdxl_cog.outputs.metadata import read_parameters
@@ -233,23 +234,92 @@ def test_start_and_end_change_which_steps_are_controlled(controlled, maps, plain
     assert len({pixels(i).tobytes() for i in (whole, late, early, plain)}) == 4
 
 
-def test_preprocessing_makes_the_map_the_preprocessor_makes(controlled, maps):
-    photo = images.fit(Image.open(maps["photo"]).convert("RGB"), (TEST_SIDE, TEST_SIDE))
-    for type_, make in (
-        ("canny", preprocess.canny),
-        (
-            "depth",
-            lambda i: preprocess.depth(
-                controlled.weights.control.depth_estimator.model,
-                controlled.weights.control.depth_estimator.processor,
-                i,
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_start_and_end_are_fractions_of_the_whole_schedule_in_every_mode_with_the_refiner(
+    controlled, maps, tmp_path, strength
+):
+    """With the expert ensemble the base runs the first high_noise_frac of the steps, and a control's start and end
+    are fractions of all the steps the request runs after prompt_strength (docs/control.md), in img2img as in
+    text-to-image and inpainting: the steps guided are read off the ControlNet's conditioning scale per call."""
+    steps, start, end = 8, 0.1, 0.4
+    scales: list[float] = []
+    hook = controlnet(controlled, "canny").register_forward_pre_hook(
+        lambda _module, _args, kwargs: scales.append(kwargs["conditioning_scale"]), with_kwargs=True
+    )
+    source = source_image(tmp_path, (TEST_SIDE, TEST_SIDE))
+    sources = {
+        "txt2img": {},
+        "img2img": dict(image=source, prompt_strength=strength),
+        "inpaint": dict(image=source, mask=half_mask(tmp_path, (TEST_SIDE, TEST_SIDE)), prompt_strength=strength),
+    }
+    if strength < 1.0:
+        del sources["txt2img"]  # which has no prompt_strength
+    guided = {}
+    try:
+        for mode, inputs in sources.items():
+            scales.clear()
+            _, metrics = predict(
+                controlled,
+                controls=[control("canny", maps["edges"], start=start, end=end)],
+                refine="expert_ensemble_refiner",
+                high_noise_frac=0.5,
+                num_inference_steps=steps,
+                **inputs,
+            )
+            assert len(scales) == metrics["base_steps"], mode
+            guided[mode] = [scale > 0 for scale in scales]
+    finally:
+        hook.remove()
+    total = int(steps * strength)  # diffusers' steps after strength (its get_timesteps)
+    expected = [i / total >= start and (i + 1) / total <= end for i in range(metrics["base_steps"])]
+    assert any(expected) and not all(expected)  # a window that cuts the base's steps both ways
+    assert guided == dict.fromkeys(sources, expected)
+
+
+def test_a_window_restated_over_the_kept_steps_guides_the_same_steps():
+    """Every window on a 0.05 grid, every schedule up to 12 steps and every cut: diffusers' rule over the kept steps
+    with the restated window picks the kept steps the original window picks over them all, and diffusers accepts
+    the restated window (0 <= start < end <= 1)."""
+    grid = [round(k * 0.05, 2) for k in range(21)]
+    for total in range(1, 13):
+        for kept in range(1, total + 1):
+            for start, end in ((s, e) for s in grid for e in grid if s < e):
+                new_start, new_end = window_over_kept_steps(start, end, total, kept)
+                assert 0.0 <= new_start < new_end <= 1.0
+                guided = [i for i in range(total) if i < kept and i / total >= start and (i + 1) / total <= end]
+                assert guided == [i for i in range(kept) if i / kept >= new_start and (i + 1) / kept <= new_end], (
+                    start,
+                    end,
+                    total,
+                    kept,
+                )
+
+
+def test_preprocessing_makes_the_map_the_preprocessor_makes(controlled, maps, tmp_path):
+    """From the photo fitted to the output size, whatever its size: a photo of another size and shape (300x200) shows
+    the map is made after fitting, not made and then fitted."""
+    wide = source_image(tmp_path, (300, 200))
+    for source in (maps["photo"], wide):
+        original = Image.open(source).convert("RGB")
+        photo = images.fit(original, (TEST_SIDE, TEST_SIDE))
+        for type_, make in (
+            ("canny", preprocess.canny),
+            (
+                "depth",
+                lambda i: preprocess.depth(
+                    controlled.weights.control.depth_estimator.model,
+                    controlled.weights.control.depth_estimator.processor,
+                    i,
+                ),
             ),
-        ),
-    ):
-        made = image(controlled, controls=[control(type_, maps["photo"], preprocess_=True)])
-        ready = Path(maps["photo"]).with_name(f"{type_}-map.png")
-        make(photo).save(ready)
-        assert max_diff(made, image(controlled, controls=[control(type_, ready)])) == 0, type_
+        ):
+            made = image(controlled, controls=[control(type_, source, preprocess_=True)])
+            ready = tmp_path / f"{type_}-map.png"
+            make(photo).save(ready)
+            assert max_diff(made, image(controlled, controls=[control(type_, ready)])) == 0, (source, type_)
+            if source == wide:  # the map of the unfitted photo, fitted as a ready map is, is another image
+                make(original).save(ready)
+                assert max_diff(made, image(controlled, controls=[control(type_, ready)])) > 0, type_
 
 
 def test_a_control_image_is_fitted_like_image_and_sizes_a_text_to_image_request(controlled, tmp_path):
