@@ -91,11 +91,23 @@ function update(r, id, record) {
     writeAtomically(recordPath(r, id), JSON.stringify(record));
 }
 
-// Give up a claim, and any state kept for it (its prediction was never started, or nobody can ask
-// for it again).
+// Give up a claim, and the state and outputs kept for it (its prediction was never started, or nobody
+// can ask for it again). The outputs go too: whoever claims the id next would be served them.
 function release(r, id) {
+    forgetFiles(r, id);
     removeIfThere(statePath(r, id));
     removeIfThere(recordPath(r, id));
+}
+
+// Remove the id's outputs (<store>/files/<id>.<n>.<ext>): when it is released, or when its owner
+// starts a new prediction under it.
+function forgetFiles(r, id) {
+    const dir = store(r) + '/files';
+    fs.readdirSync(dir).forEach(function (name) {
+        if (name.split('.')[0] === id) {
+            removeIfThere(dir + '/' + name);
+        }
+    });
 }
 
 function modifiedMs(path) {
@@ -142,4 +154,6 @@ function sweep(r) {
     });
 }
 
-export default { RETENTION_MS, read, isOwner, claim, update, release, sweep, exists, statePath, writeAtomically };
+export default {
+    RETENTION_MS, read, isOwner, claim, update, release, forgetFiles, sweep, exists, statePath, writeAtomically,
+};

@@ -307,6 +307,15 @@ def test_an_id_is_free_again_once_its_retention_has_passed(gateway):
     os.utime(record, (past, past))
     assert post(gateway, B, {"id": "expiring-id", **QUICK}).status_code == 200
     assert requests.post(f"{gateway.url}/predictions/expiring-id/cancel", headers=A, timeout=10).status_code == 404
+    # An id whose async outputs A kept: once B takes it, A's old outputs go with A's record.
+    url = f"{gateway.url}/predictions/expiring-async-id"
+    assert requests.put(url, json=QUICK, headers={**A, **ASYNC}, timeout=30).status_code == 202
+    output = wait_until_finished(gateway, "expiring-async-id", A)["output"]
+    assert requests.get(f"{gateway.url}{output}", headers=A, timeout=10).status_code == 200
+    for kept in ("ids/expiring-async-id", "states/expiring-async-id.json"):
+        os.utime(gateway.run_dir / "predictions" / kept, (past, past))
+    assert requests.put(url, json=QUICK, headers=B, timeout=30).status_code == 200
+    assert requests.get(f"{gateway.url}{output}", headers=B, timeout=10).status_code == 404
 
 
 # -- 5. only coglet can write states -----------------------------------------------------------------------
