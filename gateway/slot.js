@@ -4,8 +4,12 @@ const BUSY_TEXT = 'At capacity';
 
 const DEFAULT_QUEUE_WAIT_S = 60;
 
-// How often a waiting request asks coglet whether the slot is free: small next to any prediction.
-const POLL_MS = 50;
+// How often a waiting request asks coglet whether the slot is free: after 50 ms at first, so that a
+// short wait stays short, then twice as long each time, up to 500 ms (small next to a prediction).
+// Each ask costs: its subrequest's memory stays in the waiting request's pool until that request
+// ends, and coglet runs the predictor's GPU check for it.
+const FIRST_POLL_MS = 50;
+const MAX_POLL_MS = 500;
 
 // States in which waiting cannot help: only a restart does.
 const DEAD_STATES = ['SETUP_FAILED', 'DEFUNCT', 'UNHEALTHY'];
@@ -30,15 +34,18 @@ async function healthStatus(r) {
 
 // Wait until coglet says READY; 'READY', a dead state, or 'TIMEOUT' at the deadline.
 async function waitForReady(r, deadline) {
+    let pollMs = FIRST_POLL_MS;
     for (;;) {
         const status = await healthStatus(r);
         if (status === 'READY' || DEAD_STATES.indexOf(status) >= 0) {
             return status;
         }
-        if (Date.now() >= deadline) {
+        const left = deadline - Date.now();
+        if (left <= 0) {
             return 'TIMEOUT';
         }
-        await sleep(POLL_MS);
+        await sleep(Math.min(pollMs, left));
+        pollMs = Math.min(pollMs * 2, MAX_POLL_MS);
     }
 }
 
