@@ -7,6 +7,7 @@ Every socket and loop below is bounded in count and time."""
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -220,6 +221,8 @@ def test_ids_the_gateway_makes_are_128_random_bits(gateway):
     ids = [post(gateway, A).json()["id"] for _ in range(3)]
     ids.append(post(gateway, {**A, **ASYNC}).json()["id"])
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids) and len(set(ids)) == len(ids), ids
+    # 32 lowercase hex digits each, nothing else (int() alone would take "0x", "_" and whitespace).
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
 
 
 def every_route(gateway, prediction_id: str, headers) -> dict[str, requests.Response]:
