@@ -91,6 +91,42 @@ function update(r, id, record) {
     writeAtomically(recordPath(r, id), JSON.stringify(record));
 }
 
+// A prediction waiting in the gateway for coglet's slot has not reached coglet, which answers 404 to
+// its cancel: its record says so while it waits (slot.js), and its owner's cancel marks it there
+// (gateway.js). Marks the id as waiting (queued true) or no longer (false), and says whether it was
+// canceled meanwhile. One worker runs all njs code, without a pause between reading and writing.
+function setQueued(r, id, queued) {
+    const record = read(r, id);
+    if (record === null) {
+        return false;
+    }
+    const canceled = record.canceled === true;
+    delete record.canceled;
+    if (queued) {
+        record.queued = true;
+    } else {
+        delete record.queued;
+    }
+    update(r, id, record);
+    return canceled;
+}
+
+// Cancel the prediction if it is waiting for the slot; whether it was.
+function cancelQueued(r, id) {
+    const record = read(r, id);
+    if (record === null || record.queued !== true) {
+        return false;
+    }
+    record.canceled = true;
+    update(r, id, record);
+    return true;
+}
+
+function isCanceled(r, id) {
+    const record = read(r, id);
+    return record !== null && record.canceled === true;
+}
+
 // Give up a claim, and the state and outputs kept for it (its prediction was never started, or nobody
 // can ask for it again). The outputs go too: whoever claims the id next would be served them.
 function release(r, id) {
@@ -155,5 +191,6 @@ function sweep(r) {
 }
 
 export default {
-    RETENTION_MS, read, isOwner, claim, update, release, forgetFiles, sweep, exists, statePath, writeAtomically,
+    RETENTION_MS, read, isOwner, claim, update, setQueued, cancelQueued, isCanceled, release, forgetFiles, sweep,
+    exists, statePath, writeAtomically,
 };
