@@ -3,8 +3,8 @@
 // It answers 204 to let the request through; otherwise 401 (no valid key) or 403 with the status
 // nginx is to answer (X-Sdxl-Status) and the JSON body (X-Sdxl-Error), see @refused in the config.
 //
-// Every prediction belongs to the key that started it: another key's GET, PUT, cancel or output
-// request for it is answered exactly as one for an id that does not exist.
+// Every prediction belongs to the key that started it: another key's GET, cancel or output request
+// for it is answered exactly as one for an id that does not exist; its PUT, that the id is taken.
 
 import common from 'common.js';
 import keys from 'keys.js';

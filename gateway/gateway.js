@@ -25,6 +25,7 @@ import slot from 'slot.js';
 import tracking from 'tracking.js';
 
 const PREDICTION_PATH = /^\/predictions\/([^/]*)$/;
+const CANCEL_PATH = /^\/predictions\/([^/]*)\/cancel$/;
 
 const QUEUE_RETRY_AFTER_S = 5;
 
@@ -61,7 +62,10 @@ async function predict(r) {
         forwarded = datauris.join(JSON.stringify(body), parts);
     }
     // 3. To coglet, always with the id in the path (the body's id, if any, is the same).
-    const reply = await slot.forwardWhenFree(r, '/_coglet/predictions/' + id, forwarded);
+    const reply = await slot.forwardWhenFree(r, id, '/_coglet/predictions/' + id, forwarded);
+    if (reply.canceled) {
+        return answerCanceled(r, id, tracked);
+    }
     const started = reply.status === 200 || reply.status === 202;
     // A prediction that never started leaves no claim; nor does a finished sync one under an id
     // the gateway made, which nobody else can know. One that reused its owner's id says it failed.
@@ -74,6 +78,30 @@ async function predict(r) {
         return common.sendJson(r, 503, reply.refusal, { 'Retry-After': String(QUEUE_RETRY_AFTER_S) });
     }
     r.headersOut['Content-Type'] = reply.headersOut['Content-Type'] || 'application/json';
+    r.return(reply.status, reply.responseText);
+}
+
+// A prediction its owner canceled while it waited for the slot: it never reached coglet. Answered as
+// coglet answers a canceled one (200, whether sync or async: it is finished); the id stays the key's,
+// and an async one the gateway follows keeps this as its state.
+function answerCanceled(r, id, tracked) {
+    const prediction = JSON.stringify({ id: id, logs: '', status: 'canceled' });
+    if (tracked) {
+        records.writeAtomically(records.statePath(r, id), prediction);
+    }
+    r.headersOut['Content-Type'] = 'application/json';
+    r.return(200, prediction);
+}
+
+// POST /predictions/{id}/cancel, after access.js has let it through (the id is this key's). coglet
+// knows only the prediction it runs (404 for any other); one still waiting here is canceled here.
+async function cancel(r) {
+    const id = CANCEL_PATH.exec(common.rawPath(r))[1];
+    const reply = await r.subrequest('/_coglet/predictions/' + id + '/cancel', { method: 'POST' });
+    r.headersOut['Content-Type'] = 'application/json';
+    if (reply.status === 404 && records.cancelQueued(r, id)) {
+        return r.return(200, '{}');  // coglet's answer to a cancel it carried out
+    }
     r.return(reply.status, reply.responseText);
 }
 
@@ -110,5 +138,6 @@ export default {
     checkEvent: tracking.checkEvent,
     storeEvent: tracking.storeEvent,
     predict,
+    cancel,
     health,
 };

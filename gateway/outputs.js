@@ -74,15 +74,6 @@ function store(r, id, output, parts) {
     return output === null || output === undefined ? output : storeOne(r, id, 0, output, parts);
 }
 
-// Remove a prediction's outputs (its id is used again for a new prediction by the same key).
-function forget(r, id) {
-    storedFiles(r).forEach(function (file) {
-        if (file.name.split('.')[0] === id) {
-            fs.unlinkSync(filesDir(r) + '/' + file.name);
-        }
-    });
-}
-
 // The stored file for an output URL's last segment ("<n>.<ext>"), or '' if it names none.
 function fileName(id, segment) {
     return /^\d{1,2}\.(png|jpg|webp|bin)$/.test(segment) ? id + '.' + segment : '';
@@ -92,4 +83,4 @@ function path(r, name) {
     return filesDir(r) + '/' + name;
 }
 
-export default { store, forget, fileName, path };
+export default { store, fileName, path };

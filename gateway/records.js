@@ -91,11 +91,59 @@ function update(r, id, record) {
     writeAtomically(recordPath(r, id), JSON.stringify(record));
 }
 
-// Give up a claim, and any state kept for it (its prediction was never started, or nobody can ask
-// for it again).
+// A prediction waiting in the gateway for coglet's slot has not reached coglet, which answers 404 to
+// its cancel: its record says so while it waits (slot.js), and its owner's cancel marks it there
+// (gateway.js). Marks the id as waiting (queued true) or no longer (false), and says whether it was
+// canceled meanwhile. One worker runs all njs code, without a pause between reading and writing.
+function setQueued(r, id, queued) {
+    const record = read(r, id);
+    if (record === null) {
+        return false;
+    }
+    const canceled = record.canceled === true;
+    delete record.canceled;
+    if (queued) {
+        record.queued = true;
+    } else {
+        delete record.queued;
+    }
+    update(r, id, record);
+    return canceled;
+}
+
+// Cancel the prediction if it is waiting for the slot; whether it was.
+function cancelQueued(r, id) {
+    const record = read(r, id);
+    if (record === null || record.queued !== true) {
+        return false;
+    }
+    record.canceled = true;
+    update(r, id, record);
+    return true;
+}
+
+function isCanceled(r, id) {
+    const record = read(r, id);
+    return record !== null && record.canceled === true;
+}
+
+// Give up a claim, and the state and outputs kept for it (its prediction was never started, or nobody
+// can ask for it again). The outputs go too: whoever claims the id next would be served them.
 function release(r, id) {
+    forgetFiles(r, id);
     removeIfThere(statePath(r, id));
     removeIfThere(recordPath(r, id));
+}
+
+// Remove the id's outputs (<store>/files/<id>.<n>.<ext>): when it is released, or when its owner
+// starts a new prediction under it.
+function forgetFiles(r, id) {
+    const dir = store(r) + '/files';
+    fs.readdirSync(dir).forEach(function (name) {
+        if (name.split('.')[0] === id) {
+            removeIfThere(dir + '/' + name);
+        }
+    });
 }
 
 function modifiedMs(path) {
@@ -142,4 +190,7 @@ function sweep(r) {
     });
 }
 
-export default { RETENTION_MS, read, isOwner, claim, update, release, sweep, exists, statePath, writeAtomically };
+export default {
+    RETENTION_MS, read, isOwner, claim, update, setQueued, cancelQueued, isCanceled, release, forgetFiles, sweep,
+    exists, statePath, writeAtomically,
+};

@@ -45,7 +45,7 @@ function start(r, id, claimed, body) {
     if (!running) {
         record.secret = common.randomToken();
         records.update(r, id, record);
-        outputs.forget(r, id);
+        records.forgetFiles(r, id);
         records.writeAtomically(records.statePath(r, id), JSON.stringify({ id: id, status: 'starting' }));
     }
     body.webhook = r.variables.sdxl_events_url + '/' + id + '/' + record.secret;

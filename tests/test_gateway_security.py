@@ -7,6 +7,7 @@ Every socket and loop below is bounded in count and time."""
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -220,6 +221,8 @@ def test_ids_the_gateway_makes_are_128_random_bits(gateway):
     ids = [post(gateway, A).json()["id"] for _ in range(3)]
     ids.append(post(gateway, {**A, **ASYNC}).json()["id"])
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids) and len(set(ids)) == len(ids), ids
+    # 32 lowercase hex digits each, nothing else (int() alone would take "0x", "_" and whitespace).
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
 
 
 def every_route(gateway, prediction_id: str, headers) -> dict[str, requests.Response]:
@@ -269,6 +272,34 @@ def test_the_owner_may_cancel_and_repeat_its_own_id_while_another_key_may_not(ga
         assert sync.result().json()["status"] == "canceled"
 
 
+def test_the_owner_may_cancel_a_prediction_still_waiting_for_the_slot(gateway):
+    """coglet does not know a prediction waiting in the gateway (its cancel is 404 there): the gateway cancels
+    it, and it never runs. Another key's cancel still does nothing."""
+    with ThreadPoolExecutor(3) as pool:
+        holder = pool.submit(post, gateway, B, {"input": {"sleep_s": 3}})
+        time.sleep(0.5)
+        url = f"{gateway.url}/predictions"
+        sync = pool.submit(requests.put, f"{url}/queued-sync-1", json=QUICK, headers=A, timeout=30)
+        tracked = pool.submit(requests.put, f"{url}/queued-async-1", json=QUICK, headers={**A, **ASYNC}, timeout=30)
+        time.sleep(0.5)
+        assert requests.post(f"{url}/queued-sync-1/cancel", headers=B, timeout=10).status_code == 404
+        for name in ("queued-sync-1", "queued-async-1"):
+            canceled = requests.post(f"{url}/{name}/cancel", headers=A, timeout=10)
+            assert (canceled.status_code, canceled.json()) == (200, {}), canceled.text
+        canceled_at = time.monotonic()
+        for name, waiting in (("queued-sync-1", sync), ("queued-async-1", tracked)):
+            answer = waiting.result()
+            assert answer.status_code == 200 and answer.json() == {"id": name, "logs": "", "status": "canceled"}
+        # Within a poll of the cancel, not once the slot is free.
+        assert time.monotonic() - canceled_at < 1.5
+        assert not holder.done()
+        assert holder.result().json()["status"] == "succeeded"
+    assert wait_until_finished(gateway, "queued-async-1", A)["status"] == "canceled"
+    # The owner may use the id again, and it runs.
+    again = requests.put(f"{url}/queued-sync-1", json=QUICK, headers=A, timeout=30)
+    assert again.status_code == 200 and again.json()["status"] == "succeeded", again.text
+
+
 def test_two_keys_claiming_one_id_at_once_never_both_get_it(gateway):
     url = f"{gateway.url}/predictions/contested-id-1"
 
@@ -307,6 +338,15 @@ def test_an_id_is_free_again_once_its_retention_has_passed(gateway):
     os.utime(record, (past, past))
     assert post(gateway, B, {"id": "expiring-id", **QUICK}).status_code == 200
     assert requests.post(f"{gateway.url}/predictions/expiring-id/cancel", headers=A, timeout=10).status_code == 404
+    # An id whose async outputs A kept: once B takes it, A's old outputs go with A's record.
+    url = f"{gateway.url}/predictions/expiring-async-id"
+    assert requests.put(url, json=QUICK, headers={**A, **ASYNC}, timeout=30).status_code == 202
+    output = wait_until_finished(gateway, "expiring-async-id", A)["output"]
+    assert requests.get(f"{gateway.url}{output}", headers=A, timeout=10).status_code == 200
+    for kept in ("ids/expiring-async-id", "states/expiring-async-id.json"):
+        os.utime(gateway.run_dir / "predictions" / kept, (past, past))
+    assert requests.put(url, json=QUICK, headers=B, timeout=30).status_code == 200
+    assert requests.get(f"{gateway.url}{output}", headers=B, timeout=10).status_code == 404
 
 
 # -- 5. only coglet can write states -----------------------------------------------------------------------
