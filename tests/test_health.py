@@ -32,8 +32,10 @@ HANG_TIMEOUT_S = 0.2  # the bound on the device check in these tests (production
         lambda text: torch.AcceleratorError(f"CUDA error: {text}{TORCH_SUFFIX}"),
         lambda text: RuntimeError(f"CUDA error: {text}{TORCH_SUFFIX}"),  # older torch, and extensions' TORCH_CHECK
         lambda text: torch.AcceleratorError(f"CUDA driver error: {text}"),
+        # A kernel compiled under SDXL_COMPILE (Triton's launcher: a RuntimeError with cuGetErrorString's text).
+        lambda text: RuntimeError(f"Triton Error [CUDA]: {text}"),
     ],
-    ids=["AcceleratorError", "RuntimeError", "driver-API"],
+    ids=["AcceleratorError", "RuntimeError", "driver-API", "Triton"],
 )
 def test_each_sticky_cuda_error_is_recognised_in_torch_s_wording(text, make):
     error = make(text)
