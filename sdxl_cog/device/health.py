@@ -70,6 +70,14 @@ def sticky_cuda_error(error: BaseException) -> str | None:
     return None
 
 
+def cuda_error(error: BaseException) -> bool:
+    """Whether `error` itself is one CUDA raised, sticky or not (out of memory included): a fault of the
+    GPU, never of a request's input."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and str(error).startswith(CUDA_ERROR_PREFIXES)
+    )
+
+
 def _sticky_meaning(first_line: str) -> str | None:
     prefix = next((p for p in CUDA_ERROR_PREFIXES if first_line.startswith(p)), None)
     if prefix is None:
