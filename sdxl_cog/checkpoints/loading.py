@@ -71,9 +71,10 @@ class LoadedWeights:
     compiled: Compiled | None = None  # SDXL_COMPILE's fused and compiled UNets (device/compilation.py); None: off
 
 
-def load_weights(settings: Settings) -> LoadedWeights:
-    """Check the weights, load every module once, place them (placement.py), and return them."""
-    return assemble(settings, read_pipelines(settings))
+def load_weights(settings: Settings, pipelines: Pipelines | None = None) -> LoadedWeights:
+    """Check the weights, load every module once, place them (placement.py), and return them. `pipelines`:
+    modules already in memory (bench/gpu_check.py synthesizes them), to compile and place instead."""
+    return assemble(settings, pipelines or read_pipelines(settings))
 
 
 def read_pipelines(settings: Settings) -> Pipelines:
