@@ -62,6 +62,8 @@ BLACK_MAX = 8  # an image whose brightest value is below this is black
 # adds its fused projections, +25% of the UNet) holds one checkpoint, fused or not, and never two, whose second UNet
 # alone outweighs half of the first checkpoint (the UNet is the larger part, 2.6 of 3.4 G parameters).
 ONE_CHECKPOINT_BUDGET = 1.5
+# In this order, LoRA last: uncompiled, its adapter stays loaded (disabled) on the default UNet after its request
+# (checkpoints/lora.py), and PEFT's wrapped layers would slow every mode measured after it.
 MODES = {
     "base": {},
     "expert_ensemble": {"refine": "expert_ensemble_refiner"},
@@ -69,9 +71,9 @@ MODES = {
     "img2img": {"image": "image"},
     "inpaint": {"image": "image", "mask": "mask"},
     "refiner_only": {"image": "image", "refine": "refiner_only"},
-    "lora": {"lora": True},
     "four_outputs": {"num_outputs": 4},
     "model_switch": {"model": SECOND},
+    "lora": {"lora": True},
 }
 LOW_VRAM_MODES = ("base", "expert_ensemble", "model_switch")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from sdxl_cog.checkpoints.checkpoint import Checkpoint
-from sdxl_cog.checkpoints.loading import Pipelines, assemble, read_pipelines
+from sdxl_cog.checkpoints.loading import Pipelines, load_weights
 from sdxl_cog.checkpoints.registry import Checkpoints
 from sdxl_cog.config import Settings
 from sdxl_cog.device import compilation
@@ -49,7 +49,7 @@ class SDXLService:
         """`pipelines`: modules already in memory (bench/gpu_check.py synthesizes them); None: read from
         settings.weights_dir."""
         self.settings = settings
-        self.weights = assemble(settings, pipelines or read_pipelines(settings))
+        self.weights = load_weights(settings, pipelines)
         if self.weights.compiled is not None:
             # SDXL_COMPILE: compiled now, so that no request pays for it (generation/warmup.py).
             self.weights.load_seconds["warmup"] = warm_up(self.weights, settings.compile_sizes, settings.device)

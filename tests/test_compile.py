@@ -245,6 +245,18 @@ def test_setup_refuses_compilation_without_a_compiler_naming_it(compiled_service
         SDXLService(compiled_settings(compiled_service, tiny_weights))
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compilation_is_refused_without_python_s_headers_naming_the_package(device, tmp_path, monkeypatch):
+    """A compiler alone is not enough: Triton's launcher and inductor's CPU kernels include Python.h."""
+    monkeypatch.setattr(compilation.sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})
+    monkeypatch.setenv("CC", "gcc")
+    monkeypatch.setenv("CXX", "g++")
+    with pytest.raises(RuntimeError, match=f"{tmp_path / 'Python.h'} is missing. Install python3-dev"):
+        compilation.check_toolchain(device)
+    (tmp_path / "Python.h").write_text("")
+    compilation.check_toolchain(device)
+
+
 # --- Settings ------------------------------------------------------------------------------------------------------
 
 

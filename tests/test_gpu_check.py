@@ -21,9 +21,9 @@ MODES = (
     "img2img",
     "inpaint",
     "refiner_only",
-    "lora",
     "four_outputs",
     "model_switch",
+    "lora",  # last: uncompiled, its disabled adapter stays on the UNet (bench/gpu_check.py)
 )
 LOW_VRAM_MODES = ("base", "expert_ensemble", "model_switch")
 # The compile tier's tolerance (tests/test_compile.py).

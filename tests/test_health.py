@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from sdxl_cog.device.health import STICKY_CUDA_ERRORS, DeviceHealth, DeviceUnhealthy, sticky_cuda_error
+from sdxl_cog.device.health import STICKY_CUDA_ERRORS, DeviceHealth, DeviceUnhealthy, cuda_error, sticky_cuda_error
 from sdxl_cog.errors import InputError
 from tests.conftest import DEFAULT_OPTIONS, REPO_ROOT, make_request
 
@@ -32,8 +32,10 @@ HANG_TIMEOUT_S = 0.2  # the bound on the device check in these tests (production
         lambda text: torch.AcceleratorError(f"CUDA error: {text}{TORCH_SUFFIX}"),
         lambda text: RuntimeError(f"CUDA error: {text}{TORCH_SUFFIX}"),  # older torch, and extensions' TORCH_CHECK
         lambda text: torch.AcceleratorError(f"CUDA driver error: {text}"),
+        # A kernel compiled under SDXL_COMPILE (Triton's launcher: a RuntimeError with cuGetErrorString's text).
+        lambda text: RuntimeError(f"Triton Error [CUDA]: {text}"),
     ],
-    ids=["AcceleratorError", "RuntimeError", "driver-API"],
+    ids=["AcceleratorError", "RuntimeError", "driver-API", "Triton"],
 )
 def test_each_sticky_cuda_error_is_recognised_in_torch_s_wording(text, make):
     error = make(text)
@@ -60,6 +62,23 @@ def test_out_of_memory_and_other_errors_are_not_sticky(error):
     health = DeviceHealth(device_check=None)
     health.record(error)
     health.check()
+
+
+@pytest.mark.parametrize(
+    "error,is_cuda",
+    [
+        (torch.AcceleratorError(ILLEGAL_ADDRESS + TORCH_SUFFIX), True),
+        (torch.AcceleratorError("CUDA error: invalid configuration argument"), True),  # not sticky, still the GPU's
+        (RuntimeError("Triton Error [CUDA]: unspecified launch failure"), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."), True),
+        (RuntimeError("Error(s) in loading state_dict for UNet2DConditionModel: size mismatch"), False),
+        (RuntimeError(f"Could not read 'https://x.example/{ILLEGAL_ADDRESS}.safetensors'"), False),
+        (ValueError(ILLEGAL_ADDRESS), False),
+    ],
+    ids=["sticky", "not-sticky", "triton", "oom", "bad-file", "quoted", "not-runtime"],
+)
+def test_cuda_error_tells_the_gpu_s_faults_from_the_rest(error, is_cuda):
+    assert cuda_error(error) is is_cuda
 
 
 def test_a_sticky_error_wrapped_in_another_is_found_through_its_causes():

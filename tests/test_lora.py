@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import ssl
 import subprocess
@@ -18,6 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from devtools.synthetic import LORA_RANK, lora_state_dict
+from sdxl_cog.device.health import DeviceHealth, DeviceUnhealthy
 from sdxl_cog.errors import InputError
 from tests.conftest import DEFAULT_OPTIONS, make_request, pixels
 
@@ -161,6 +163,43 @@ def test_bad_lora_file_is_refused_and_leaves_the_model_unchanged(service, lora_f
     with pytest.raises(InputError, match=message):
         generate(service, str(lora_files[name]), 1.0)
     assert np.array_equal(generate(service), base)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("Triton Error [CUDA]: unspecified launch failure"),
+    ],
+    ids=["torch", "triton"],
+)
+def test_a_sticky_cuda_error_while_loading_is_not_blamed_on_the_file(service, lora_files, monkeypatch, error):
+    """The GPU's error reaches the service unchanged, and the health check reports it; it is no InputError
+    about lora_weights."""
+    monkeypatch.setattr(service.checkpoints.default.loras.pipeline, "load_lora_weights", _raising(error))
+    monkeypatch.setattr(service, "health", DeviceHealth(device_check=None))  # the session's service stays healthy
+    with pytest.raises(RuntimeError) as raised:
+        generate(service, str(lora_files["peft"]), 1.0)
+    assert raised.value is error
+    with pytest.raises(DeviceUnhealthy, match=re.escape(str(error))):
+        service.health.check()
+
+
+def test_out_of_memory_while_loading_is_reported_as_such(service, lora_files, monkeypatch, base):
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    monkeypatch.setattr(service.checkpoints.default.loras.pipeline, "load_lora_weights", _raising(error))
+    with pytest.raises(InputError, match="^Out of GPU memory") as raised:
+        generate(service, str(lora_files["peft"]), 1.0)
+    assert "lora_weights" not in str(raised.value)
+    monkeypatch.undo()
+    assert np.array_equal(generate(service), base)
+
+
+def _raising(error: BaseException):
+    def load_lora_weights(*args, **kwargs):
+        raise error
+
+    return load_lora_weights
 
 
 def test_loopback_urls_are_refused_by_default(service, file_server):

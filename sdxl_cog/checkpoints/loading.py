@@ -55,7 +55,6 @@ class Pipelines:
     refiner: StableDiffusionXLImg2ImgPipeline
     safety_checker: SafetyChecker
     control: ControlModels = field(default_factory=ControlModels)  # none unless baked
-    manifest: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # what reading them took, by phase
 
 
@@ -66,14 +65,14 @@ class LoadedWeights:
     control: ControlModels  # ControlNets, IP-Adapter and depth estimator, when baked; shared too
     safety_checker: SafetyChecker
     placement: Placement  # which modules are on the device at each stage
-    manifest: dict
     load_seconds: dict[str, float]
     compiled: Compiled | None = None  # SDXL_COMPILE's fused and compiled UNets (device/compilation.py); None: off
 
 
-def load_weights(settings: Settings) -> LoadedWeights:
-    """Check the weights, load every module once, place them (placement.py), and return them."""
-    return assemble(settings, read_pipelines(settings))
+def load_weights(settings: Settings, pipelines: Pipelines | None = None) -> LoadedWeights:
+    """Check the weights, load every module once, place them (placement.py), and return them. `pipelines`:
+    modules already in memory (bench/gpu_check.py synthesizes them), to compile and place instead."""
+    return assemble(settings, pipelines or read_pipelines(settings))
 
 
 def read_pipelines(settings: Settings) -> Pipelines:
@@ -114,7 +113,7 @@ def read_pipelines(settings: Settings) -> Pipelines:
         for pipe in {id(p.unet): p for p in pipelines}.values():
             attach_ip_adapter(pipe, control.ip_adapter)
     seconds["load"] = time.perf_counter() - started - seconds["verify"]
-    return Pipelines(entries, pipelines, refiner, safety_checker, control, manifest, seconds)
+    return Pipelines(entries, pipelines, refiner, safety_checker, control, seconds)
 
 
 def assemble(settings: Settings, pipelines: Pipelines) -> LoadedWeights:
@@ -158,9 +157,7 @@ def assemble(settings: Settings, pipelines: Pipelines) -> LoadedWeights:
     checkpoints = Checkpoints(listed, placement, cache, refiner_text_encoder_2=base.text_encoder_2)
     seconds["to_device"] = time.perf_counter() - started - seconds.get("compile", 0.0)
     refiner_model = StageModel.of("refiner", refiner)
-    return LoadedWeights(
-        checkpoints, refiner_model, control, safety_checker, placement, pipelines.manifest, seconds, compiled
-    )
+    return LoadedWeights(checkpoints, refiner_model, control, safety_checker, placement, seconds, compiled)
 
 
 def read_entries(root: Path, manifest: dict) -> tuple[list[CheckpointEntry], ControlEntries]:

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from sdxl_cog.checkpoints import pinned_http
 from sdxl_cog.config import MAX_REDIRECTS, STALL_TIMEOUT_S, Settings
+from sdxl_cog.device.health import cuda_error
 from sdxl_cog.errors import InputError
 
 if TYPE_CHECKING:
@@ -218,6 +219,8 @@ class LoraAdapters:
         try:
             self.pipeline.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError) as e:
+            if cuda_error(e):
+                raise  # the GPU failed, not the file: the service reports it (health check, out of memory)
             self._discard(name)
             raise InputError(f"lora_weights could not be loaded as an SDXL LoRA: {e}") from e
         if not any(name in names for names in self.pipeline.get_list_adapters().values()):

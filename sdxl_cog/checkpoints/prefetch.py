@@ -26,9 +26,17 @@ from sdxl_cog.weights import layout
 
 logger = logging.getLogger(__name__)
 
-# The order load_weights() (loading.py) reads the parts in; within a part, diffusers loads
-# components alphabetically (text_encoder, text_encoder_2, unet), as the sorted paths are.
-LOAD_ORDER = (layout.VAE_DIR, layout.BASE_DIR, layout.REFINER_DIR, layout.SAFETY_CHECKER_DIR)
+# The order read_pipelines() (loading.py) reads the parts in: the further checkpoints (models/NAME) right after
+# the refiner and before the safety checker, the control models last. Within a part the paths are sorted
+# (diffusers' own order there comes from a set and may differ); models/ comes in name order.
+LOAD_ORDER = (
+    layout.VAE_DIR,
+    layout.BASE_DIR,
+    layout.REFINER_DIR,
+    layout.MODELS_DIR,
+    layout.SAFETY_CHECKER_DIR,
+    layout.CONTROL_DIR,
+)
 
 
 def weight_files(root: Path) -> list[Path]:

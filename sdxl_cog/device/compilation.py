@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sysconfig
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -50,6 +51,9 @@ COMPILE_OPTIONS = dict(fullgraph=True, dynamic=False)
 # The compiler inductor needs per device type: Triton builds its CUDA launcher with a C compiler ($CC, else gcc
 # or clang: triton/runtime/build.py), and inductor's CPU kernels are C++ ($CXX, else g++ or clang++).
 TOOLCHAINS = {"cuda": ("CC", ("gcc", "clang")), "cpu": ("CXX", ("g++", "clang++"))}
+# Both also compile against Python.h; a distribution's Python ships it apart (Debian and Ubuntu: python3-dev), so
+# a CUDA base image with the system's python3 has the compiler and not the headers.
+PYTHON_HEADERS_PACKAGE = "python3-dev"
 
 
 class FusedAttention:
@@ -123,12 +127,25 @@ def check_toolchain(device: str) -> None:
     if kind not in TOOLCHAINS:
         raise RuntimeError(f"SDXL_COMPILE=1 supports cuda and cpu devices, not {device!r}: unset SDXL_COMPILE.")
     variable, names = TOOLCHAINS[kind]
-    if os.environ.get(variable) or any(shutil.which(name) for name in names):
-        return
-    raise RuntimeError(
-        f"SDXL_COMPILE=1 on {kind} needs a compiler: none of {', '.join(names)} is on PATH and {variable} is unset. "
-        f"Install {names[0]} in the image (docs/compile.md) or unset SDXL_COMPILE."
-    )
+    if not (os.environ.get(variable) or any(shutil.which(name) for name in names)):
+        raise RuntimeError(
+            f"SDXL_COMPILE=1 on {kind} needs a compiler: none of {', '.join(names)} is on PATH and {variable} is "
+            f"unset. Install {names[0]} in the image (docs/compile.md) or unset SDXL_COMPILE."
+        )
+    if not (headers := python_headers()).is_file():
+        raise RuntimeError(
+            f"SDXL_COMPILE=1 needs Python's C headers, and {headers} is missing. Install {PYTHON_HEADERS_PACKAGE} "
+            "(or the dev package of the Python that runs this) in the image (docs/compile.md) or unset SDXL_COMPILE."
+        )
+
+
+def python_headers() -> Path:
+    """The Python.h the compilers include: Triton's choice (triton/runtime/build.py), the default sysconfig scheme
+    with Debian's posix_local read as posix_prefix; inductor's CPU build reads the same directory elsewhere."""
+    scheme = sysconfig.get_default_scheme()
+    if scheme == "posix_local":
+        scheme = "posix_prefix"
+    return Path(sysconfig.get_paths(scheme=scheme)["include"]) / "Python.h"
 
 
 def use_cache_dir(directory: Path) -> None:

@@ -41,9 +41,11 @@ STICKY_CUDA_ERRORS = {
     "uncorrectable NVLink error detected during the execution": "cudaErrorNvlinkUncorrectable",
 }
 # How PyTorch words a CUDA error (c10/cuda/CUDAException.cpp, C10_CUDA_CHECK; the driver API's check says
-# "CUDA driver error: "), raised as torch.AcceleratorError, a RuntimeError. Only the start of a message is
+# "CUDA driver error: "), raised as torch.AcceleratorError, a RuntimeError; and how Triton words one met by
+# the kernels SDXL_COMPILE compiles (triton-lang/triton, third_party/nvidia/backend/driver.c, gpuAssert:
+# the prefix, then cuGetErrorString's text), raised as a RuntimeError. Only the start of a message is
 # read: an error that merely quotes these words (a request's text, a file name) is not one.
-CUDA_ERROR_PREFIXES = ("CUDA error: ", "CUDA driver error: ")
+CUDA_ERROR_PREFIXES = ("CUDA error: ", "CUDA driver error: ", "Triton Error [CUDA]: ")
 # How far along an exception's causes to look for a CUDA error that another exception wraps.
 MAX_CAUSES = 8
 # Below coglet's 5 s healthcheck timeout and deploy/probe.py's 4 s request timeout, so that a hung GPU gets
@@ -66,6 +68,14 @@ def sticky_cuda_error(error: BaseException) -> str | None:
         if error is None:
             break
     return None
+
+
+def cuda_error(error: BaseException) -> bool:
+    """Whether `error` itself is one CUDA raised, sticky or not (out of memory included): a fault of the
+    GPU, never of a request's input."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and str(error).startswith(CUDA_ERROR_PREFIXES)
+    )
 
 
 def _sticky_meaning(first_line: str) -> str | None:

@@ -57,10 +57,6 @@ U2B, U2G, V2G, V2R = 33292, -6472, -9519, 18678
 CHROMA_OFFSET = 128
 
 
-def can_watermark(image: Image.Image) -> bool:
-    return min(image.size) >= WATERMARK_MIN_SIDE
-
-
 def _descale(x: torch.Tensor) -> torch.Tensor:
     return (x + (1 << (YUV_SHIFT - 1))) >> YUV_SHIFT
 
