@@ -388,3 +388,63 @@ def test_a_broken_control_image_is_refused(tmp_path):
     broken.write_bytes(b"not an image at all")
     with pytest.raises(InputError, match="controlnet_1_image"):
         make_request(controls=[control("canny", broken)])
+
+
+# --- No image is read before the refusals that need none -------------------------------------------------------------
+
+
+@pytest.fixture
+def broken(tmp_path) -> Path:
+    """A file that fails to decode: a refusal that names something else proves it was never opened."""
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"not an image at all")
+    return path
+
+
+def test_a_control_the_server_lacks_is_refused_before_its_image_is_read(service, union_only, broken):
+    with pytest.raises(InputError, match=r"no ControlNet for canny is baked"):
+        make_request(controls=[control("canny", broken)], control_models=service.control_models)
+    with pytest.raises(InputError, match=r"ip_adapter_image needs an IP-Adapter"):
+        make_request(ip_adapter_image=broken, ip_adapter_scale=0.6, control_models=service.control_models)
+    with pytest.raises(InputError, match=r"needs a depth estimator"):
+        make_request(controls=[control("depth", broken, preprocess_=True)], control_models=union_only.control_models)
+
+
+def test_refiner_only_refuses_a_control_before_its_image_is_read(broken, tmp_path):
+    with pytest.raises(InputError, match="refine=refiner_only runs the refiner alone"):
+        make_request(image=source_image(tmp_path), refine="refiner_only", controls=[control("canny", broken)])
+
+
+def test_a_control_or_image_prompt_at_scale_zero_is_dropped_unread(service, maps, broken, tmp_path):
+    """Scale 0 runs nothing: the image is never read, sizes nothing, and needs no model."""
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((128, 384, 3), 200, np.uint8)).save(wide)
+    request = make_request(width=None, height=None, controls=[control("canny", wide, scale=0.0)])
+    side = request.profile_defaults["width"]
+    assert (request.width, request.height) == (side, side) and request.controls == ()
+    request = make_request(
+        controls=[control("canny", broken, scale=0.0), control("canny", maps["edges"])],
+        ip_adapter_image=broken,
+        ip_adapter_scale=0.0,
+    )
+    assert [c.slot for c in request.controls] == [2] and request.image_prompt is None
+    # On a server with no control model at all, the same request without the scale-1 control is a plain one.
+    request = make_request(
+        controls=[control("canny", broken, scale=0.0)],
+        ip_adapter_image=broken,
+        ip_adapter_scale=0.0,
+        control_models=service.control_models,
+    )
+    assert request.controls == () and request.image_prompt is None
+    # The input checks still apply at scale 0.
+    with pytest.raises(InputError, match="controlnet_1=canny needs controlnet_1_image"):
+        make_request(controls=[control("canny", None, scale=0.0)])
+
+
+def test_the_image_prompt_is_kept_at_most_1024_a_side(tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((600, 3000, 3), 90, np.uint8)).save(big)
+    assert make_request(ip_adapter_image=big).image_prompt.image.size == (1024, 205)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((300, 500, 3), 90, np.uint8)).save(small)
+    assert make_request(ip_adapter_image=small).image_prompt.image.size == (500, 300)

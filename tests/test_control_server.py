@@ -207,3 +207,17 @@ def test_the_gateway_refuses_urls_and_server_paths_for_the_control_images_as_for
     assert "must be a data: URI" in refusals["image", "path"]
     assert marker not in server.log_tail(10**7), "a refused input reached coglet"
     assert through(gateway, controlnet_2="tile", controlnet_2_image=PHOTO).json()["status"] == "succeeded"
+
+
+def test_a_model_the_server_lacks_is_refused_before_the_image_is_read_and_scale_zero_needs_none(server):
+    # predict.py hands build_request the baked models: the missing estimator is named, not the undecodable image.
+    error = failure(server, controlnet_1="depth", controlnet_1_image=data_uri(b"not an image at all"))
+    assert "controlnet_1_preprocess needs a depth estimator" in error and "controlnet_1_image" not in error
+    # At scale 0 the same control runs nothing, so it needs no estimator and its image is never read.
+    body = generate(
+        server,
+        controlnet_1="depth",
+        controlnet_1_image=data_uri(b"not an image at all"),
+        controlnet_1_conditioning_scale=0,
+    )
+    assert "ControlNet" not in parameters(body)
