@@ -28,10 +28,12 @@ from devtools.synthetic import add_model, lora_state_dict
 from devtools.synthetic_control import add_control
 from sdxl_cog.control import preprocess
 from sdxl_cog.errors import InputError
+from sdxl_cog.generation_parameters import control_units
 from sdxl_cog.inputs import images
 from sdxl_cog.inputs.control import ControlInput
 from sdxl_cog.outputs.metadata import read_parameters
 from sdxl_cog.service import OutputOptions, SDXLService
+from sdxl_cog.weights.control_parts import IP_ADAPTERS
 from sdxl_cog.weights.control_types import UNION_CONTROL_MODES
 from tests.conftest import TEST_SIDE, half_mask, make_request, max_diff, pixels, source_image
 
@@ -347,7 +349,9 @@ def test_the_controls_and_the_image_prompt_are_recorded_as_controlnet_units(cont
     assert units["ControlNet 0"]["Guidance End"] == "0.8" and units["ControlNet 0"]["Model"] == "union"
     assert units["ControlNet 0"]["Union Control Type"] == "canny"
     assert units["ControlNet 1"]["Module"] == "none" and units["ControlNet 1"]["Union Control Type"] == "pose"
-    assert units["ControlNet 2"]["Module"] == "ip-adapter" and units["ControlNet 2"]["Weight"] == "0.4"
+    # The extension's module for the ViT-bigG adapter (the synthetic one is ip-adapter_sdxl): a bare "ip-adapter"
+    # is refused by its ControlNetUnit.parse.
+    assert units["ControlNet 2"]["Module"] == "ip-adapter_clip_g" and units["ControlNet 2"]["Weight"] == "0.4"
 
 
 # --- Refusals ----------------------------------------------------------------------------------------------------
@@ -448,3 +452,14 @@ def test_the_image_prompt_is_kept_at_most_1024_a_side(tmp_path):
     small = tmp_path / "small.png"
     Image.fromarray(np.full((300, 500, 3), 90, np.uint8)).save(small)
     assert make_request(ip_adapter_image=small).image_prompt.image.size == (500, 300)
+
+
+def test_the_image_prompt_unit_names_the_extension_module_of_the_baked_adapter(controlled, maps):
+    request = make_request(ip_adapter_image=maps["photo"], ip_adapter_scale=0.5)
+    adapter = controlled.control_models.ip_adapter
+    for variant, module in (("bigg", "ip-adapter_clip_g"), ("vit-h", "ip-adapter_clip_h")):
+        entry = dataclasses.replace(adapter.entry, weight_name=IP_ADAPTERS[variant].weight_name)
+        models = dataclasses.replace(controlled.control_models, ip_adapter=dataclasses.replace(adapter, entry=entry))
+        (unit,) = control_units(request, models).values()
+        model = IP_ADAPTERS[variant].weight_name.removesuffix(".safetensors")
+        assert unit.startswith(f"Module: {module}, Model: {model}, Weight: 0.5"), unit

@@ -98,7 +98,7 @@ def test_a_control_and_an_image_prompt_come_back_as_images_that_record_them(serv
     )
 
     prompted = generate(server, ip_adapter_image=PHOTO, ip_adapter_scale=0.5)
-    assert 'ControlNet 0: "Module: ip-adapter, Model: ip-adapter_sdxl, Weight: 0.5' in parameters(prompted)
+    assert 'ControlNet 0: "Module: ip-adapter_clip_g, Model: ip-adapter_sdxl, Weight: 0.5' in parameters(prompted)
     assert "control_preprocess_time" not in prompted["metrics"]
     plain = generate(server)
     assert "ControlNet" not in parameters(plain)
