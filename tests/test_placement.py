@@ -4,6 +4,8 @@ runs every module only while its stage holds it on the device, with the same ima
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import shutil
 from pathlib import Path
 
@@ -11,11 +13,12 @@ import pytest
 import torch
 
 from devtools.synthetic_control import add_control
+from predict import Predictor
 from sdxl_cog.config import Settings
 from sdxl_cog.device import placement as placement_module
 from sdxl_cog.device.memory import GIB, MemoryBudget, needs_low_vram
 from sdxl_cog.device.placement import ResidentPlacement, StagedPlacement, make_placement, module_bytes, stage_peak_bytes
-from sdxl_cog.inputs.control import ControlInput
+from sdxl_cog.inputs.control import MAX_CONTROLS, ControlInput
 from sdxl_cog.service import SDXLService
 from tests.conftest import (
     DEFAULT_OPTIONS,
@@ -271,8 +274,29 @@ def test_low_vram_mode_brings_each_control_model_for_its_stage_alone(staged_cont
     assert placed["image_prompt"] == {"image_encoder"}
     # Canny and depth have single-type ControlNets: the union stays in host memory.
     assert placed["base"] == {"base_unet", "vae", "controlnet:canny", "controlnet:depth"}
-    assert staged.weights.placement.peak_bytes == sum(
-        module_bytes(staged.weights.placement.modules[n])
-        for n in ("base_unet", "vae", "controlnet:canny", "controlnet:depth", "controlnet:union")
-    )
+    # The base stage's peak counts the ControlNets one request can bring: the single-type ones or the union, never both.
+    size = {name: module_bytes(module) for name, module in staged.weights.placement.modules.items()}
+    controlnets = max(size["controlnet:canny"] + size["controlnet:depth"], size["controlnet:union"])
+    assert staged.weights.placement.peak_bytes == size["base_unet"] + size["vae"] + controlnets
     assert max_diff(staged_image, run(resident, **request).images[0]) == 0
+
+
+def test_the_base_stage_counts_the_controlnets_one_request_can_use_not_every_baked_one():
+    """A request runs at most MAX_CONTROLS controls, on single-type ControlNets or on the union, never both."""
+    base = SDXL_FP16["base_unet"] + SDXL_FP16["vae"]
+    singles = {
+        f"controlnet:{t}": 2_500_000_000 - i * 100_000_000 for i, t in enumerate(("canny", "depth", "pose", "lineart"))
+    }
+    union = {"controlnet:union": 2_600_000_000}
+    # Four single-type nets and the union baked: the three largest single-type ones.
+    assert stage_peak_bytes({**SDXL_FP16, **singles, **union}, "controlnet:union") == base + 7_200_000_000
+    # The union alone, or beside one smaller single-type net: the union.
+    assert stage_peak_bytes({**SDXL_FP16, **union}, "controlnet:union") == base + 2_600_000_000
+    one = {"controlnet:canny": singles["controlnet:canny"]}
+    assert stage_peak_bytes({**SDXL_FP16, **one, **union}, "controlnet:union") == base + 2_600_000_000
+    assert stage_peak_bytes({**SDXL_FP16, **singles}) == base + 7_200_000_000
+
+
+def test_max_controls_is_the_number_of_controlnet_inputs():
+    parameters = inspect.signature(Predictor.predict).parameters
+    assert MAX_CONTROLS == sum(1 for name in parameters if re.fullmatch(r"controlnet_\d", name))

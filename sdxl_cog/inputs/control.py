@@ -26,6 +26,7 @@ from sdxl_cog.inputs import images, uploads
 from sdxl_cog.weights.control_types import CONTROL_TYPES
 
 NO_CONTROL = "none"
+MAX_CONTROLS = 3  # predict.py's controlnet_1 to controlnet_3
 # Types with a preprocessor in the container (control/preprocess.py); tile's map is the image itself.
 PREPROCESSED_TYPES = ("canny", "depth", "tile")
 # The image prompt is kept at most this big a side for the prediction: the image encoder's processor shrinks it to
