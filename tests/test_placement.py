@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from devtools.synthetic_control import add_control
+from devtools.synthetic_control import add_control, tensor_bytes
 from predict import Predictor
 from sdxl_cog.config import Settings
 from sdxl_cog.device import placement as placement_module
@@ -300,3 +300,39 @@ def test_the_base_stage_counts_the_controlnets_one_request_can_use_not_every_bak
 def test_max_controls_is_the_number_of_controlnet_inputs():
     parameters = inspect.signature(Predictor.predict).parameters
     assert MAX_CONTROLS == sum(1 for name in parameters if re.fullmatch(r"controlnet_\d", name))
+
+
+# The control models' weights in fp16, from the published configs' parameter counts (devtools/synthetic_control builds
+# them on the meta device); the ViT-H image encoder's 632 M parameters from weights/control_parts.py.
+VIT_H_ENCODER_BYTES = 632_000_000 * 2
+# What torch reports as total memory: an L4 or A10G (23,034 MiB), an RTX 3090 or 4090.
+L4_GIB, RTX_4090_GIB = 22.49, 23.6
+
+
+@pytest.fixture(scope="module")
+def control_bytes() -> dict[str, int]:
+    full = tensor_bytes("full")
+    return {
+        "controlnet": full["controlnet"],
+        "ip_adapter_vit_h": VIT_H_ENCODER_BYTES + full["ip_adapter"],
+        "ip_adapter_bigg": full["image_encoder"] + full["ip_adapter"],
+        "depth_estimator": full["depth"] // 2,  # loaded in the weights' dtype, fp16
+    }
+
+
+@pytest.mark.parametrize(
+    "baked, low_vram_on_24_gb",
+    [
+        ((), False),
+        (("controlnet", "depth_estimator"), False),
+        (("ip_adapter_vit_h",), False),
+        (("ip_adapter_bigg",), True),
+        (("controlnet", "ip_adapter_vit_h"), True),
+        (("controlnet", "controlnet"), True),
+    ],
+)
+def test_what_docs_say_of_24_gb_cards_with_control_models_baked(control_bytes, baked, low_vram_on_24_gb):
+    """README's Figures, docs/control.md's Memory and memory.needs_low_vram's docstring say these outcomes."""
+    weights = ALL_WEIGHTS + sum(control_bytes[name] for name in baked)
+    for capacity_gib in (L4_GIB, RTX_4090_GIB):
+        assert needs_low_vram(int(capacity_gib * GIB), weights) is low_vram_on_24_gb, (baked, capacity_gib)
