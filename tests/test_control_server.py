@@ -152,7 +152,7 @@ def test_test_request_py_sends_the_control_inputs(server, tmp_path):
         'ControlNet 0: "Module: none, Model: union, Weight: 1.5' in recorded
         and "Union Control Type: lineart" in recorded
     )
-    assert 'ControlNet 1: "Module: ip-adapter, Model: ip-adapter_sdxl, Weight: 0.25' in recorded
+    assert 'ControlNet 1: "Module: ip-adapter_clip_g, Model: ip-adapter_sdxl, Weight: 0.25' in recorded
 
 
 # -- through the gateway ----------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_a_keyed_control_request_through_the_gateway_succeeds(gateway):
     assert body["status"] == "succeeded", body.get("error")
     recorded = parameters(body)
     assert 'ControlNet 0: "Module: canny, Model: union' in recorded
-    assert 'ControlNet 1: "Module: ip-adapter' in recorded
+    assert 'ControlNet 1: "Module: ip-adapter_clip_g, Model: ip-adapter_sdxl' in recorded
 
 
 def file_inputs() -> list[str]:
