@@ -262,6 +262,7 @@ class Predictor(BasePredictor):
             ip_adapter_image=ip_adapter_image,
             ip_adapter_scale=ip_adapter_scale,
             profile=self.service.profile(model),
+            control_models=self.service.control_models,
         )
         options = OutputOptions(output_format, output_quality, apply_watermark, safety_check=not disable_safety_checker)
         prediction = self.service.predict(request, options, lora_weights, lora_scale)

@@ -13,6 +13,7 @@ from sdxl_cog.control.models import ControlModels
 from sdxl_cog.generation.schedulers import SCHEDULERS
 from sdxl_cog.inputs.control import Control
 from sdxl_cog.inputs.request import GenerationRequest, Refine
+from sdxl_cog.weights.control_parts import IP_ADAPTERS
 
 # The extension's module (preprocessor) names for the maps this image makes; a ready map is "none".
 PREPROCESSOR_MODULES = {"canny": "canny", "depth": "depth_anything_v2", "tile": "tile_resample"}
@@ -20,6 +21,13 @@ PREPROCESSOR_MODULES = {"canny": "canny", "depth": "depth_anything_v2", "tile": 
 # "Crop and Resize". Its "Balanced" control mode is diffusers' ControlNet as it is (prompt and control weighed equally).
 RESIZE_MODE = "Crop and Resize"
 CONTROL_MODE = "Balanced"
+# The extension's module for each adapter script/download-weights bakes, by its file: the CLIP encoder it was trained
+# with, as the extension's own IP-Adapter presets pair them (ControlNetUnit.parse refuses a bare "ip-adapter"). An
+# adapter baked some other way gets the extension's "ip-adapter-auto", which picks the encoder from the model's name.
+IP_ADAPTER_MODULES = {
+    IP_ADAPTERS["bigg"].weight_name: "ip-adapter_clip_g",
+    IP_ADAPTERS["vit-h"].weight_name: "ip-adapter_clip_h",
+}
 
 
 def a1111_fields(
@@ -67,8 +75,9 @@ def control_units(req: GenerationRequest, control: ControlModels) -> dict[str, s
     units = [_control_unit(c, net) for c, net in zip(active, control.serving(active) if active else [])]
     prompt = req.image_prompt
     if prompt is not None and prompt.active and control.ip_adapter is not None:
-        model = control.ip_adapter.entry.weight_name.removesuffix(".safetensors")
-        units.append(_unit(Module="ip-adapter", Model=model, Weight=prompt.scale, **{"Resize Mode": RESIZE_MODE}))
+        weight_name = control.ip_adapter.entry.weight_name
+        module, model = IP_ADAPTER_MODULES.get(weight_name, "ip-adapter-auto"), weight_name.removesuffix(".safetensors")
+        units.append(_unit(Module=module, Model=model, Weight=prompt.scale, **{"Resize Mode": RESIZE_MODE}))
     return {f"ControlNet {i}": unit for i, unit in enumerate(units)}
 
 

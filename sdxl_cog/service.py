@@ -14,6 +14,7 @@ from sdxl_cog.checkpoints.checkpoint import Checkpoint
 from sdxl_cog.checkpoints.loading import Pipelines, load_weights
 from sdxl_cog.checkpoints.registry import Checkpoints
 from sdxl_cog.config import Settings
+from sdxl_cog.control.models import ControlModels
 from sdxl_cog.device import compilation
 from sdxl_cog.device.health import DeviceHealth
 from sdxl_cog.device.memory import MemoryBudget, PeakMemoryMeter, gpu_capacity, out_of_memory_error, release_memory
@@ -63,6 +64,12 @@ class SDXLService:
     def checkpoints(self) -> Checkpoints:
         return self.weights.checkpoints
 
+    @property
+    def control_models(self) -> ControlModels:
+        """The baked ControlNets, IP-Adapter and depth estimator: build_request refuses what they cannot serve before
+        it reads any image."""
+        return self.weights.control
+
     def profile(self, model: str | None) -> Profile:
         """The defaults of the checkpoint `model` names (None: the default one); InputError if there is none."""
         return self.checkpoints.resolve(model).profile
@@ -73,7 +80,7 @@ class SDXLService:
         self.settings.prediction_marker.touch()  # for the liveness probe: a prediction did start
         checkpoint = self.checkpoints.resolve(req.model)
         prompt_tokens = check_prompt_lengths(self._tokenizers(checkpoint, req), req.prompt, req.negative_prompt)
-        self.weights.control.check(req.controls, req.image_prompt)
+        self.weights.control.check(req.controls, req.image_prompt is not None)
         self.budget.check(req, prompt_tokens)
         if lora and not req.refine.runs_base:
             # A LoRA adapts the base model, which refiner_only never runs: refuse rather than ignore it.

@@ -29,10 +29,12 @@ from devtools.synthetic_control import add_control
 from sdxl_cog.control import preprocess
 from sdxl_cog.errors import InputError
 from sdxl_cog.generation.pipelines import window_over_kept_steps
+from sdxl_cog.generation_parameters import control_units
 from sdxl_cog.inputs import images
 from sdxl_cog.inputs.control import ControlInput
 from sdxl_cog.outputs.metadata import read_parameters
 from sdxl_cog.service import OutputOptions, SDXLService
+from sdxl_cog.weights.control_parts import IP_ADAPTERS
 from sdxl_cog.weights.control_types import UNION_CONTROL_MODES
 from tests.conftest import TEST_SIDE, half_mask, make_request, max_diff, pixels, source_image
 
@@ -417,7 +419,9 @@ def test_the_controls_and_the_image_prompt_are_recorded_as_controlnet_units(cont
     assert units["ControlNet 0"]["Guidance End"] == "0.8" and units["ControlNet 0"]["Model"] == "union"
     assert units["ControlNet 0"]["Union Control Type"] == "canny"
     assert units["ControlNet 1"]["Module"] == "none" and units["ControlNet 1"]["Union Control Type"] == "pose"
-    assert units["ControlNet 2"]["Module"] == "ip-adapter" and units["ControlNet 2"]["Weight"] == "0.4"
+    # The extension's module for the ViT-bigG adapter (the synthetic one is ip-adapter_sdxl): a bare "ip-adapter"
+    # is refused by its ControlNetUnit.parse.
+    assert units["ControlNet 2"]["Module"] == "ip-adapter_clip_g" and units["ControlNet 2"]["Weight"] == "0.4"
 
 
 # --- Refusals ----------------------------------------------------------------------------------------------------
@@ -458,3 +462,74 @@ def test_a_broken_control_image_is_refused(tmp_path):
     broken.write_bytes(b"not an image at all")
     with pytest.raises(InputError, match="controlnet_1_image"):
         make_request(controls=[control("canny", broken)])
+
+
+# --- No image is read before the refusals that need none -------------------------------------------------------------
+
+
+@pytest.fixture
+def broken(tmp_path) -> Path:
+    """A file that fails to decode: a refusal that names something else proves it was never opened."""
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"not an image at all")
+    return path
+
+
+def test_a_control_the_server_lacks_is_refused_before_its_image_is_read(service, union_only, broken):
+    with pytest.raises(InputError, match=r"no ControlNet for canny is baked"):
+        make_request(controls=[control("canny", broken)], control_models=service.control_models)
+    with pytest.raises(InputError, match=r"ip_adapter_image needs an IP-Adapter"):
+        make_request(ip_adapter_image=broken, ip_adapter_scale=0.6, control_models=service.control_models)
+    with pytest.raises(InputError, match=r"needs a depth estimator"):
+        make_request(controls=[control("depth", broken, preprocess_=True)], control_models=union_only.control_models)
+
+
+def test_refiner_only_refuses_a_control_before_its_image_is_read(broken, tmp_path):
+    with pytest.raises(InputError, match="refine=refiner_only runs the refiner alone"):
+        make_request(image=source_image(tmp_path), refine="refiner_only", controls=[control("canny", broken)])
+
+
+def test_a_control_or_image_prompt_at_scale_zero_is_dropped_unread(service, maps, broken, tmp_path):
+    """Scale 0 runs nothing: the image is never read, sizes nothing, and needs no model."""
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((128, 384, 3), 200, np.uint8)).save(wide)
+    request = make_request(width=None, height=None, controls=[control("canny", wide, scale=0.0)])
+    side = request.profile_defaults["width"]
+    assert (request.width, request.height) == (side, side) and request.controls == ()
+    request = make_request(
+        controls=[control("canny", broken, scale=0.0), control("canny", maps["edges"])],
+        ip_adapter_image=broken,
+        ip_adapter_scale=0.0,
+    )
+    assert [c.slot for c in request.controls] == [2] and request.image_prompt is None
+    # On a server with no control model at all, the same request without the scale-1 control is a plain one.
+    request = make_request(
+        controls=[control("canny", broken, scale=0.0)],
+        ip_adapter_image=broken,
+        ip_adapter_scale=0.0,
+        control_models=service.control_models,
+    )
+    assert request.controls == () and request.image_prompt is None
+    # The input checks still apply at scale 0.
+    with pytest.raises(InputError, match="controlnet_1=canny needs controlnet_1_image"):
+        make_request(controls=[control("canny", None, scale=0.0)])
+
+
+def test_the_image_prompt_is_kept_at_most_1024_a_side(tmp_path):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((600, 3000, 3), 90, np.uint8)).save(big)
+    assert make_request(ip_adapter_image=big).image_prompt.image.size == (1024, 205)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((300, 500, 3), 90, np.uint8)).save(small)
+    assert make_request(ip_adapter_image=small).image_prompt.image.size == (500, 300)
+
+
+def test_the_image_prompt_unit_names_the_extension_module_of_the_baked_adapter(controlled, maps):
+    request = make_request(ip_adapter_image=maps["photo"], ip_adapter_scale=0.5)
+    adapter = controlled.control_models.ip_adapter
+    for variant, module in (("bigg", "ip-adapter_clip_g"), ("vit-h", "ip-adapter_clip_h")):
+        entry = dataclasses.replace(adapter.entry, weight_name=IP_ADAPTERS[variant].weight_name)
+        models = dataclasses.replace(controlled.control_models, ip_adapter=dataclasses.replace(adapter, entry=entry))
+        (unit,) = control_units(request, models).values()
+        model = IP_ADAPTERS[variant].weight_name.removesuffix(".safetensors")
+        assert unit.startswith(f"Module: {module}, Model: {model}, Weight: 0.5"), unit

@@ -98,7 +98,7 @@ def test_a_control_and_an_image_prompt_come_back_as_images_that_record_them(serv
     )
 
     prompted = generate(server, ip_adapter_image=PHOTO, ip_adapter_scale=0.5)
-    assert 'ControlNet 0: "Module: ip-adapter, Model: ip-adapter_sdxl, Weight: 0.5' in parameters(prompted)
+    assert 'ControlNet 0: "Module: ip-adapter_clip_g, Model: ip-adapter_sdxl, Weight: 0.5' in parameters(prompted)
     assert "control_preprocess_time" not in prompted["metrics"]
     plain = generate(server)
     assert "ControlNet" not in parameters(plain)
@@ -152,7 +152,7 @@ def test_test_request_py_sends_the_control_inputs(server, tmp_path):
         'ControlNet 0: "Module: none, Model: union, Weight: 1.5' in recorded
         and "Union Control Type: lineart" in recorded
     )
-    assert 'ControlNet 1: "Module: ip-adapter, Model: ip-adapter_sdxl, Weight: 0.25' in recorded
+    assert 'ControlNet 1: "Module: ip-adapter_clip_g, Model: ip-adapter_sdxl, Weight: 0.25' in recorded
 
 
 # -- through the gateway ----------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_a_keyed_control_request_through_the_gateway_succeeds(gateway):
     assert body["status"] == "succeeded", body.get("error")
     recorded = parameters(body)
     assert 'ControlNet 0: "Module: canny, Model: union' in recorded
-    assert 'ControlNet 1: "Module: ip-adapter' in recorded
+    assert 'ControlNet 1: "Module: ip-adapter_clip_g, Model: ip-adapter_sdxl' in recorded
 
 
 def file_inputs() -> list[str]:
@@ -207,3 +207,17 @@ def test_the_gateway_refuses_urls_and_server_paths_for_the_control_images_as_for
     assert "must be a data: URI" in refusals["image", "path"]
     assert marker not in server.log_tail(10**7), "a refused input reached coglet"
     assert through(gateway, controlnet_2="tile", controlnet_2_image=PHOTO).json()["status"] == "succeeded"
+
+
+def test_a_model_the_server_lacks_is_refused_before_the_image_is_read_and_scale_zero_needs_none(server):
+    # predict.py hands build_request the baked models: the missing estimator is named, not the undecodable image.
+    error = failure(server, controlnet_1="depth", controlnet_1_image=data_uri(b"not an image at all"))
+    assert "controlnet_1_preprocess needs a depth estimator" in error and "controlnet_1_image" not in error
+    # At scale 0 the same control runs nothing, so it needs no estimator and its image is never read.
+    body = generate(
+        server,
+        controlnet_1="depth",
+        controlnet_1_image=data_uri(b"not an image at all"),
+        controlnet_1_conditioning_scale=0,
+    )
+    assert "ControlNet" not in parameters(body)

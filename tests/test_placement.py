@@ -4,18 +4,21 @@ runs every module only while its stage holds it on the device, with the same ima
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from devtools.synthetic_control import add_control
+from devtools.synthetic_control import add_control, tensor_bytes
+from predict import Predictor
 from sdxl_cog.config import Settings
 from sdxl_cog.device import placement as placement_module
 from sdxl_cog.device.memory import GIB, MemoryBudget, needs_low_vram
 from sdxl_cog.device.placement import ResidentPlacement, StagedPlacement, make_placement, module_bytes, stage_peak_bytes
-from sdxl_cog.inputs.control import ControlInput
+from sdxl_cog.inputs.control import MAX_CONTROLS, ControlInput
 from sdxl_cog.service import SDXLService
 from tests.conftest import (
     DEFAULT_OPTIONS,
@@ -271,8 +274,65 @@ def test_low_vram_mode_brings_each_control_model_for_its_stage_alone(staged_cont
     assert placed["image_prompt"] == {"image_encoder"}
     # Canny and depth have single-type ControlNets: the union stays in host memory.
     assert placed["base"] == {"base_unet", "vae", "controlnet:canny", "controlnet:depth"}
-    assert staged.weights.placement.peak_bytes == sum(
-        module_bytes(staged.weights.placement.modules[n])
-        for n in ("base_unet", "vae", "controlnet:canny", "controlnet:depth", "controlnet:union")
-    )
+    # The base stage's peak counts the ControlNets one request can bring: the single-type ones or the union, never both.
+    size = {name: module_bytes(module) for name, module in staged.weights.placement.modules.items()}
+    controlnets = max(size["controlnet:canny"] + size["controlnet:depth"], size["controlnet:union"])
+    assert staged.weights.placement.peak_bytes == size["base_unet"] + size["vae"] + controlnets
     assert max_diff(staged_image, run(resident, **request).images[0]) == 0
+
+
+def test_the_base_stage_counts_the_controlnets_one_request_can_use_not_every_baked_one():
+    """A request runs at most MAX_CONTROLS controls, on single-type ControlNets or on the union, never both."""
+    base = SDXL_FP16["base_unet"] + SDXL_FP16["vae"]
+    singles = {
+        f"controlnet:{t}": 2_500_000_000 - i * 100_000_000 for i, t in enumerate(("canny", "depth", "pose", "lineart"))
+    }
+    union = {"controlnet:union": 2_600_000_000}
+    # Four single-type nets and the union baked: the three largest single-type ones.
+    assert stage_peak_bytes({**SDXL_FP16, **singles, **union}, "controlnet:union") == base + 7_200_000_000
+    # The union alone, or beside one smaller single-type net: the union.
+    assert stage_peak_bytes({**SDXL_FP16, **union}, "controlnet:union") == base + 2_600_000_000
+    one = {"controlnet:canny": singles["controlnet:canny"]}
+    assert stage_peak_bytes({**SDXL_FP16, **one, **union}, "controlnet:union") == base + 2_600_000_000
+    assert stage_peak_bytes({**SDXL_FP16, **singles}) == base + 7_200_000_000
+
+
+def test_max_controls_is_the_number_of_controlnet_inputs():
+    parameters = inspect.signature(Predictor.predict).parameters
+    assert MAX_CONTROLS == sum(1 for name in parameters if re.fullmatch(r"controlnet_\d", name))
+
+
+# The control models' weights in fp16, from the published configs' parameter counts (devtools/synthetic_control builds
+# them on the meta device); the ViT-H image encoder's 632 M parameters from weights/control_parts.py.
+VIT_H_ENCODER_BYTES = 632_000_000 * 2
+# What torch reports as total memory: an L4 or A10G (23,034 MiB), an RTX 3090 or 4090.
+L4_GIB, RTX_4090_GIB = 22.49, 23.6
+
+
+@pytest.fixture(scope="module")
+def control_bytes() -> dict[str, int]:
+    full = tensor_bytes("full")
+    return {
+        "controlnet": full["controlnet"],
+        "ip_adapter_vit_h": VIT_H_ENCODER_BYTES + full["ip_adapter"],
+        "ip_adapter_bigg": full["image_encoder"] + full["ip_adapter"],
+        "depth_estimator": full["depth"] // 2,  # loaded in the weights' dtype, fp16
+    }
+
+
+@pytest.mark.parametrize(
+    "baked, low_vram_on_24_gb",
+    [
+        ((), False),
+        (("controlnet", "depth_estimator"), False),
+        (("ip_adapter_vit_h",), False),
+        (("ip_adapter_bigg",), True),
+        (("controlnet", "ip_adapter_vit_h"), True),
+        (("controlnet", "controlnet"), True),
+    ],
+)
+def test_what_docs_say_of_24_gb_cards_with_control_models_baked(control_bytes, baked, low_vram_on_24_gb):
+    """README's Figures, docs/control.md's Memory and memory.needs_low_vram's docstring say these outcomes."""
+    weights = ALL_WEIGHTS + sum(control_bytes[name] for name in baked)
+    for capacity_gib in (L4_GIB, RTX_4090_GIB):
+        assert needs_low_vram(int(capacity_gib * GIB), weights) is low_vram_on_24_gb, (baked, capacity_gib)

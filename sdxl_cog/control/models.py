@@ -12,6 +12,7 @@ A ControlNet for SDXL serves every SDXL-architecture checkpoint; the refiner tak
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from transformers import AutoImageProcessor, AutoModelForDepthEstimation, CLIPVi
 
 from sdxl_cog.device.placement import CONTROLNET_SLOT_PREFIX, DEPTH_ESTIMATOR_SLOT, IMAGE_ENCODER_SLOT
 from sdxl_cog.errors import InputError
-from sdxl_cog.inputs.control import Control, ImagePrompt
+from sdxl_cog.inputs.control import CheckedControl, Control
 from sdxl_cog.weights.catalog import SINGLE, UNION, ControlEntries, ControlNetEntry, IpAdapterEntry
 from sdxl_cog.weights.control_parts import STOCK_CONTROLNETS
 
@@ -72,7 +73,7 @@ class ControlModels:
             modules[DEPTH_ESTIMATOR_SLOT] = self.depth_estimator.model
         return modules
 
-    def serving(self, controls: tuple[Control, ...]) -> list[ControlNet]:
+    def serving(self, controls: Sequence[Control | CheckedControl]) -> list[ControlNet]:
         """The ControlNet that serves each control, by the rule above; InputError if none does."""
         types = [control.type for control in controls]
         single = {t: net for net in self.controlnets if not net.union for t in net.entry.types}
@@ -94,8 +95,9 @@ class ControlModels:
             f"Bake one with script/download-weights {bakes_controlnet(control.type)}."
         )
 
-    def check(self, controls: tuple[Control, ...], image_prompt: ImagePrompt | None) -> None:
-        """Refuse, before any work, a request for a model the image lacks."""
+    def check(self, controls: Sequence[Control | CheckedControl], image_prompt: bool) -> None:
+        """Refuse, before any work, a request for a model the image lacks (`image_prompt`: it has one). Takes the
+        controls before their images are read (build_request) as well as after (SDXLService.predict)."""
         if controls:
             self.serving(controls)
         for control in controls:
@@ -105,7 +107,7 @@ class ControlModels:
                     f"send a ready depth map with controlnet_{control.slot}_preprocess=false, or bake one with "
                     f"script/download-weights {BAKES_DEPTH_ESTIMATOR}."
                 )
-        if image_prompt is not None and self.ip_adapter is None:
+        if image_prompt and self.ip_adapter is None:
             raise InputError(
                 "ip_adapter_image needs an IP-Adapter, and none is baked into this image: bake one with "
                 f"script/download-weights {BAKES_IP_ADAPTER}."

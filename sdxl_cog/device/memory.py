@@ -63,8 +63,13 @@ def control_bytes(req: GenerationRequest) -> int:
 
 
 def needs_low_vram(capacity_bytes: int | None, weights_bytes: int) -> bool:
-    """True when all the weights plus the reference request would not fit the GPU: below about 19.8 GiB
-    for SDXL in fp16 (11.25 GiB of weights + 1.5 reserve + 7 of activations): 24 GB cards stay resident."""
+    """True when all the weights plus the reference request would not fit the GPU: below about 19.75 GiB for SDXL in
+    fp16 (11.25 GiB of weights + 1.5 reserve + 7 of activations). Every baked control model counts: about 2.33 GiB
+    per ControlNet, 1.83 for the IP-Adapter with ViT-H (4.09 with ViT-bigG), 0.05 for the depth estimator (fp16
+    parameter counts of the published configs; estimates, no GPU measured). So a 24 GB card (about 22.5 GiB usable
+    on an L4 or A10G, 23.6 on an RTX 4090) stays resident with no control model, one ControlNet (22.1) or the ViT-H
+    IP-Adapter (21.6), and runs every request in low-VRAM mode with two ControlNets (24.4), a ControlNet and the
+    IP-Adapter (23.9) or the ViT-bigG IP-Adapter (23.8); tests/test_placement.py checks these."""
     if capacity_bytes is None:
         return False
     return weights_bytes + RESERVE_BYTES + activation_bytes(**REFERENCE_REQUEST) > capacity_bytes

@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from itertools import chain
 
 import torch
+from diffusers import ControlNetUnionModel
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sdxl_cog.device.memory import GIB, needs_low_vram
+from sdxl_cog.inputs.control import MAX_CONTROLS
 
 # The slots of the control models (control/models.py): each ControlNet's own, which the base stage brings when a
 # request uses it, and the two that run in stages of their own.
@@ -51,12 +53,21 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(module))
 
 
-def stage_peak_bytes(sizes: dict[str, int]) -> int:
-    """The most weight bytes any one stage needs on the device, from each module's size; the base stage with every
-    ControlNet (a request may use them all)."""
-    controlnets = [name for name in sizes if name.startswith(CONTROLNET_SLOT_PREFIX)]
+def controlnet_peak_bytes(sizes: dict[str, int], union: str | None = None) -> int:
+    """The most ControlNet bytes one request brings to the base stage: it runs at most MAX_CONTROLS controls, on
+    single-type ControlNets or on the union (slot `union`), never both (control/models.py's ControlModels.serving)."""
+    singles = sorted(
+        (size for name, size in sizes.items() if name.startswith(CONTROLNET_SLOT_PREFIX) and name != union),
+        reverse=True,
+    )
+    return max(sizes.get(union, 0), sum(singles[:MAX_CONTROLS]))
+
+
+def stage_peak_bytes(sizes: dict[str, int], union: str | None = None) -> int:
+    """The most weight bytes any one stage needs on the device, from each module's size; the base stage with the
+    ControlNets one request can use at most."""
     return max(
-        sum(sizes.get(name, 0) for name in (*names, *(controlnets if stage == "base" else ())))
+        sum(sizes.get(name, 0) for name in names) + (controlnet_peak_bytes(sizes, union) if stage == "base" else 0)
         for stage, names in STAGES.items()
     )
 
@@ -105,7 +116,8 @@ class StagedPlacement:
         self.on_device: set[str] = set()
         for module in modules.values():
             self._evict(module)
-        self.peak_bytes = stage_peak_bytes({name: module_bytes(m) for name, m in modules.items()})
+        union = next((name for name, m in modules.items() if isinstance(m, ControlNetUnionModel)), None)
+        self.peak_bytes = stage_peak_bytes({name: module_bytes(m) for name, m in modules.items()}, union)
 
     def use(self, stage: str, extra: tuple[str, ...] = ()) -> None:
         """Make the device hold exactly what `stage` runs, and the `extra` slots it runs for this request."""

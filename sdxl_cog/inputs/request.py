@@ -14,14 +14,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from sdxl_cog.config import MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from sdxl_cog.errors import InputError
 from sdxl_cog.inputs import images, uploads
-from sdxl_cog.inputs.control import Control, ControlInput, ImagePrompt, fit_controls, load_controls, load_image_prompt
+from sdxl_cog.inputs.control import (
+    Control,
+    ControlInput,
+    ImagePrompt,
+    check_controls,
+    check_image_prompt,
+    fit_controls,
+    load_controls,
+    load_image_prompt,
+)
 from sdxl_cog.weights.profiles import DEFAULT_PROFILE, Profile
+
+if TYPE_CHECKING:  # the models themselves: importing them here would load torch for a module that touches none
+    from sdxl_cog.control.models import ControlModels
 
 
 class Refine(StrEnum):
@@ -174,18 +187,25 @@ def build_request(
     ip_adapter_image: Path | None = None,
     ip_adapter_scale: float = 0.0,
     profile: Profile = DEFAULT_PROFILE,
+    control_models: ControlModels | None = None,
     files_from_client: bool = True,
 ) -> GenerationRequest:
     """`profile`: the chosen checkpoint's defaults (profiles.py), for the inputs left out (None).
+    `control_models`: what the server serves, so that a control or image prompt it lacks is refused before any image
+    is read; None leaves that to the engine (SDXLService.predict checks again).
     `files_from_client`: the files came over HTTP, so only files Cog downloaded for this request are read
-    (uploads.py); False for callers that pass their own local files (tests, benchmarks)."""
+    (uploads.py); False for callers that pass their own local files (tests, benchmarks).
+
+    Every refusal that reads no image comes first: a control image or image prompt may be 50 MP to decode."""
+    # 1. The checks that read no image.
     if files_from_client:
         image, mask = uploads.client_file(image, "image"), uploads.client_file(mask, "mask")
-    loaded_controls = load_controls(controls, files_from_client)
-    image_prompt = load_image_prompt(ip_adapter_image, ip_adapter_scale, files_from_client)
-    sizing = loaded_controls[0][2] if loaded_controls else None  # the first control image sizes a txt2img request
+    checked_controls = check_controls(controls, files_from_client)
+    image_prompt_file = check_image_prompt(ip_adapter_image, ip_adapter_scale, files_from_client)
+    if control_models is not None:
+        control_models.check(checked_controls, image_prompt_file is not None)
     given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
-    if image is None and sizing is None:
+    if image is None and not checked_controls:
         given.update(width=width, height=height)  # with an image, the size follows the image instead
     profile_defaults = {k: v for k, v in profile.defaults().items() if k in given and given[k] is None}
     num_inference_steps = profile_defaults.get("num_inference_steps", num_inference_steps)
@@ -198,7 +218,7 @@ def build_request(
         raise InputError(
             f"high_noise_frac={high_noise_frac} must be strictly between 0 and 1 for expert_ensemble_refiner."
         )
-    if not refine.runs_base and (loaded_controls or image_prompt is not None):
+    if not refine.runs_base and (checked_controls or image_prompt_file is not None):
         raise InputError(
             "refine=refiner_only runs the refiner alone, which takes no ControlNet control or image prompt (they "
             "guide the base model): drop them, or choose another refine mode."
@@ -211,6 +231,9 @@ def build_request(
     # refiner_only never runs the base, so prompt_strength (the base's img2img strength) plays no part.
     if image is not None and refine.runs_base:
         _check_prompt_strength(num_inference_steps, prompt_strength)
+    # 2. The images.
+    loaded_controls = load_controls(checked_controls)
+    sizing = loaded_controls[0][1] if loaded_controls else None  # the first control image sizes a txt2img request
     mode, source, fitted_mask, out_w, out_h = _source_images(image, mask, width, height, profile.side, sizing)
     return GenerationRequest(
         prompt=prompt,
@@ -231,6 +254,6 @@ def build_request(
         mask=fitted_mask,
         model=model,
         controls=fit_controls(loaded_controls, (out_w, out_h)),
-        image_prompt=image_prompt,
+        image_prompt=load_image_prompt(image_prompt_file, ip_adapter_scale),
         profile_defaults=profile_defaults,
     )
