@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image, ImageOps
 
@@ -64,6 +65,14 @@ class CheckedControl:
     @property
     def preprocess(self) -> bool:
         return self.inputs.preprocess
+
+
+class ServedControls(Protocol):
+    """What the server serves (control/models.py's ControlModels), as build_request asks it: named by its one method
+    here, since the models' module sits above the inputs and imports torch."""
+
+    def check(self, controls: Sequence[CheckedControl], image_prompt: bool) -> None:
+        """Raise InputError for a control or an image prompt whose model the server lacks."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -25,6 +24,7 @@ from sdxl_cog.inputs.control import (
     Control,
     ControlInput,
     ImagePrompt,
+    ServedControls,
     check_controls,
     check_image_prompt,
     fit_controls,
@@ -32,9 +32,6 @@ from sdxl_cog.inputs.control import (
     load_image_prompt,
 )
 from sdxl_cog.weights.profiles import DEFAULT_PROFILE, Profile
-
-if TYPE_CHECKING:  # the models themselves: importing them here would load torch for a module that touches none
-    from sdxl_cog.control.models import ControlModels
 
 
 class Refine(StrEnum):
@@ -187,7 +184,7 @@ def build_request(
     ip_adapter_image: Path | None = None,
     ip_adapter_scale: float = 0.0,
     profile: Profile = DEFAULT_PROFILE,
-    control_models: ControlModels | None = None,
+    control_models: ServedControls | None = None,
     files_from_client: bool = True,
 ) -> GenerationRequest:
     """`profile`: the chosen checkpoint's defaults (profiles.py), for the inputs left out (None).
